@@ -352,7 +352,7 @@ def forward_hidden(
     cache: KVCache | None = None,
 ) -> tuple[Array, KVCache | None]:
     """Final-normed hidden states [B, T, D]; with a cache, the T tokens are appended at cache.length."""
-    B, T = tokens_BxT.shape
+    T = tokens_BxT.shape[1]
     mask_BxT = mask_BxT.astype(bool)
     x = embed_tokens(cfg, weights, tokens_BxT)
     dtype = x.dtype
