@@ -186,9 +186,7 @@ def hf_param_map(cfg: ModelConfig, prefix: str = "model.") -> Weights:
         "wq": layer("self_attn.q_proj.weight", proj_in(N)),
         "wk": layer("self_attn.k_proj.weight", proj_in(K)),
         "wv": layer("self_attn.v_proj.weight", proj_in(K)),
-        "wo": layer(
-            "self_attn.o_proj.weight", (lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T)
-        ),
+        "wo": layer("self_attn.o_proj.weight", (lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T)),
         "w_gate": layer("mlp.gate_proj.weight", transpose),
         "w_up": layer("mlp.up_proj.weight", transpose),
         "w_down": layer("mlp.down_proj.weight", transpose),
@@ -215,7 +213,5 @@ def detect_prefix(names: Mapping[str, Any] | set[str] | list[str]) -> str:
     """The key prefix in front of `embed_tokens.weight` (e.g. 'model.' or 'model.language_model.')."""
     hits = [n for n in names if n.endswith("embed_tokens.weight")]
     if not hits:
-        raise CmeError(
-            "no '*embed_tokens.weight' tensor found; is this a decoder-only language model checkpoint?"
-        )
+        raise CmeError("no '*embed_tokens.weight' tensor found; is this a decoder-only language model checkpoint?")
     return min(hits, key=len)[: -len("embed_tokens.weight")]

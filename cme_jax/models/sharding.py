@@ -86,9 +86,7 @@ def logical_sharding(
 
 def weight_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, MeshAxes] | None = None) -> Any:
     """A Weights pytree of NamedShardings, from the same `abstract(cfg)` used for init and restore."""
-    return jax.tree.map(
-        lambda s: logical_sharding(s.shape, s.axes, mesh, rules), abstract(cfg), is_leaf=_is_spec
-    )
+    return jax.tree.map(lambda s: logical_sharding(s.shape, s.axes, mesh, rules), abstract(cfg), is_leaf=_is_spec)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, MeshAxes] | None = None) -> NamedSharding:

@@ -266,9 +266,7 @@ def attention_mask(
     return mask
 
 
-def attend(
-    cfg: ModelConfig, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array
-) -> Array:
+def attend(cfg: ModelConfig, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
     """Grouped-query attention with float32 softmax; returns [B, T, N, H]."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxSxKxH.shape[2]

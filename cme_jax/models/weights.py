@@ -56,9 +56,7 @@ class SafetensorsStore:
             except FileNotFoundError:
                 raise CmeError(f"weight file {f} is missing; download the checkpoint again") from None
             except Exception as e:
-                raise CmeError(
-                    f"cannot read weight file {f} ({e}); it may be truncated, download it again"
-                ) from None
+                raise CmeError(f"cannot read weight file {f} ({e}); it may be truncated, download it again") from None
             self._handles[str(f)] = h
             for k in h.keys():  # noqa: SIM118  (safe_open has keys() but no __iter__)
                 self._where[k] = h
@@ -102,9 +100,7 @@ def _leaf_reader(param: HFParam, spec: ParamSpec, store: TensorStore, dtype: np.
     """Returns read(layer_slice) -> np.ndarray of the stacked (or single) leaf, shape-checked."""
     missing = [n for n in param.names if n not in store.names()]
     if missing:
-        raise CmeError(
-            f"tensor {missing[0]} is missing from the checkpoint; the weights do not match the config"
-        )
+        raise CmeError(f"tensor {missing[0]} is missing from the checkpoint; the weights do not match the config")
     want = spec.shape[1:] if param.stacked else spec.shape
 
     def one(name: str) -> np.ndarray:
@@ -164,9 +160,7 @@ def load_weights(
     return jax.tree.unflatten(treedef, out)
 
 
-def iter_hf_tensors(
-    weights: Weights, cfg: ModelConfig, prefix: str = "model."
-) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(weights: Weights, cfg: ModelConfig, prefix: str = "model.") -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array in HF layout) for every tensor of the model."""
     hf_map = hf_param_map(cfg, prefix)
     leaves, treedef = jax.tree.flatten(weights)
@@ -206,9 +200,7 @@ def save_hf_checkpoint(
         size += arr.nbytes
     weight_map = {}
     for i, shard in enumerate(shards):
-        fname = (
-            "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     if len(shards) > 1:

@@ -1,0 +1,47 @@
+"""Shared fixtures: eight fake CPU devices, float32-exact matmuls, the two embedded real models."""
+
+import os
+
+# Must be set before jax initialises its backends: sharding tests use 8 fake CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from cme_jax.sources import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    from cme_jax.sources import load_model
+
+    return load_model("gemma3-270m")
+
+
+def _hf_from_gguf(alias):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cme_jax.sources import fetch_embedded
+
+    path = fetch_embedded(alias)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """transformers' own GGUF loader: the independent reference for the SmolLM2 numbers."""
+    return _hf_from_gguf("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_gemma():
+    return _hf_from_gguf("gemma3-270m")

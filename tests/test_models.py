@@ -1,0 +1,144 @@
+"""Decoder parity with transformers (PyTorch) for every family, KV-cache decode, token log-probs, sharding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from tiny_hf import FAMILIES, hf_logits, left_padded_batch, tiny_model
+
+from cme_jax.models.logprobs import chunk_length, token_logprobs, token_stats
+from cme_jax.models.sharding import make_mesh, weight_shardings
+from cme_jax.models.transformer import default_positions, forward, init_cache
+from cme_jax.models.weights import save_hf_checkpoint
+from cme_jax.sources import load_model
+
+LENGTHS = [12, 8, 5]  # three rows, two of them left-padded
+
+
+def rel_err(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.abs(a - b)[mask].max() / np.abs(b[mask]).max())
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family name, torch model, cme_jax LoadedModel read back from a saved safetensors directory)."""
+    hf = tiny_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, load_model(str(path), tokenizer=False)
+
+
+def test_logits_match_transformers(family):
+    name, hf, m = family
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12)
+    ref = hf_logits(hf, toks, mask)
+    pos = default_positions(jnp.asarray(mask))
+    ours, _ = forward(m.weights, m.cfg, jnp.asarray(toks), pos, jnp.asarray(mask))
+    assert rel_err(np.asarray(ours), ref, mask) < 1e-4, name
+
+
+def test_kv_cache_decode_equals_full_forward(family):
+    _name, _, m = family
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=1)
+    pos = default_positions(jnp.asarray(mask))
+    full, _ = forward(m.weights, m.cfg, jnp.asarray(toks), pos, jnp.asarray(mask))
+    cache = init_cache(m.cfg, len(LENGTHS), 16)
+    prefill = 7  # past the padding of every row, so decode steps cover the sliding window too
+    logits, cache = forward(m.weights, m.cfg, toks[:, :prefill], pos[:, :prefill], mask[:, :prefill], cache)
+    steps = [np.asarray(logits)]
+    for t in range(prefill, 12):
+        logits, cache = forward(m.weights, m.cfg, toks[:, t : t + 1], pos[:, t : t + 1], mask[:, t : t + 1], cache)
+        steps.append(np.asarray(logits))
+    assert int(cache.length) == 12
+    np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], np.asarray(full)[mask], atol=2e-5, rtol=0)
+
+
+def test_token_logprobs_equal_log_softmax_gather(family):
+    _name, hf, m = family
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=2)
+    ref_logits = torch.tensor(hf_logits(hf, toks, mask))
+    ref = torch.log_softmax(ref_logits, -1)[:, :-1].gather(-1, torch.tensor(toks[:, 1:, None]).long())[..., 0]
+    ref = ref.numpy() * mask[:, 1:]
+    # A small budget forces several chunks, including a ragged last one.
+    ours = token_logprobs(m.weights, m.cfg, jnp.asarray(toks), jnp.asarray(mask), chunk_budget=3 * 160 * 4)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    start = 6
+    tail = token_logprobs(m.weights, m.cfg, jnp.asarray(toks), jnp.asarray(mask), start=start)
+    np.testing.assert_allclose(np.asarray(tail), ref[:, start - 1 :], atol=1e-4, rtol=0)
+
+
+def test_token_stats_entropy_and_temperature(family):
+    _name, hf, m = family
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=3)
+    temp = 0.7
+    lp = torch.log_softmax(torch.tensor(hf_logits(hf, toks, mask))[:, :-1] / temp, -1)
+    ent = -(lp.exp() * lp).sum(-1).numpy() * mask[:, 1:]
+    mean_lp = lp.mean(-1).numpy() * mask[:, 1:]
+    s = token_stats(m.weights, m.cfg, jnp.asarray(toks), jnp.asarray(mask), temperature=temp, entropy=True)
+    np.testing.assert_allclose(np.asarray(s["entropy"]), ent, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(s["mean_logp"]), mean_lp, atol=1e-4, rtol=0)
+
+
+def test_export_round_trip_loads_in_transformers(family, tmp_path):
+    _name, hf, m = family
+    out = save_hf_checkpoint(tmp_path / "export", m.weights, m.cfg, m.hf_config)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=4)
+    got, want = hf_logits(back, toks, mask)[mask], hf_logits(hf, toks, mask)[mask]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_sharded_load_matches_single_device(family):
+    _name, _, m = family
+    assert len(jax.devices()) >= 8, "conftest sets 8 fake CPU devices"
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = load_model(m.spec, mesh=mesh, tokenizer=False)
+    shardings = weight_shardings(m.cfg, mesh)
+    for leaf, want in zip(jax.tree.leaves(sharded.weights), jax.tree.leaves(shardings)):
+        assert leaf.sharding == want
+    # At least the MLP and embedding are split (every tiny dimension divides by 2).
+    assert len(sharded.weights.layers.w_up.addressable_shards[0].data.reshape(-1)) < m.weights.layers.w_up.size
+    toks, mask = left_padded_batch(m.cfg.vocab_size, [12, 8, 5, 12], 12, seed=5)
+    pos = default_positions(jnp.asarray(mask))
+    fwd = jax.jit(forward, static_argnums=1)
+    one, _ = fwd(m.weights, m.cfg, toks, pos, mask)
+    many, _ = fwd(sharded.weights, m.cfg, toks, pos, mask)
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-5, rtol=0)
+
+
+def _all_shapes(jaxpr):
+    """Every intermediate shape in a jaxpr, descending into scan/cond/checkpoint bodies."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            if hasattr(v.aval, "shape"):
+                yield tuple(v.aval.shape)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_shapes(inner)
+
+
+def test_no_full_vocabulary_float32_array_in_token_logprobs():
+    """The jaxpr of token_logprobs holds no [B, T, V] array: the head runs in chunks."""
+    hf = tiny_model("gemma3_text", vocab_size=4096)
+    from cme_jax.models.families import config_from_hf
+    from cme_jax.models.weights import DictStore, load_weights
+
+    cfg = config_from_hf(hf.config)
+    w = load_weights(cfg, DictStore({k: v.numpy() for k, v in hf.state_dict().items()}))
+    B, T = 4, 64
+    toks = jnp.zeros((B, T), jnp.int32)
+    mask = jnp.ones((B, T), bool)
+    budget = B * 8 * 4096
+    fn = lambda w: token_logprobs(w, cfg, toks, mask, start=16, chunk_budget=budget).sum()
+    for closed in (jax.make_jaxpr(fn)(w), jax.make_jaxpr(jax.grad(fn))(w)):
+        shapes = set(_all_shapes(closed.jaxpr))
+        assert (B, 8, 4096) in shapes  # the chunked logits exist ...
+        big = [s for s in shapes if s and s[-1] == 4096 and np.prod(s) > budget]
+        assert not big, f"arrays larger than one chunk: {big}"  # ... and nothing bigger
+    assert chunk_length(B, T - 16, 4096, budget) == 8
