@@ -1,0 +1,930 @@
+"""Head-to-head LLM-judge evaluation: pairwise prompts, verdict parsing, win rates and reports.
+
+This module is the model-independent half of evaluation. It knows nothing about JAX or the policies:
+it turns (instruction, model output, baseline output) triples into judge conversations, sends them to
+any `Judge`, caches every finished judgment, and turns the verdicts into AlpacaEval-compatible
+numbers and files.
+
+Protocol, in one screen:
+
+- Every pair is judged twice: order 1 shows the model as A and the baseline as B, order 2 swaps them.
+- The judge must end its reply with `[[A]]`, `[[B]]` or `[[C]]` (tie); `parse_verdict` reads it.
+  When several different tags appear, the last one counts, except that a trailing run of different
+  tags ("[[A]] or [[B]]", the options restated) is ambiguous and unparsed.
+- An unparsed reply is retried (up to `retries_unparsed` times) with a short follow-up asking for the
+  verdict alone; if an order stays unparsed the pair counts as unparsed: excluded from `n` and the
+  win rate, counted in `unparsed`, and listed in the report and `judgments.jsonl`. One parsed order
+  is not used alone, because a single order carries the judge's position bias.
+- `combine`: the model wins a pair only if both orders prefer it, loses only if both prefer the
+  baseline; everything else (tie in both, split verdicts, a win and a tie) scores 0.5.
+- `win_rate_tie_adjusted` = (wins + 0.5 ties) / n, which is AlpacaEval's discrete win rate (as a
+  fraction, not a percentage) with AlpacaEval preference = 1 + score.
+
+Typical use (the model-dependent glue supplies the outputs and, optionally, a local judge):
+
+    items = pair_items(read_model_outputs("model.json"), read_model_outputs("base.json"))
+    judge = OpenAIJudge(base_url="https://api.example.com/v1", model="gpt-4o", api_key_env="JUDGE_KEY")
+    summary = judge_and_report(items, judge, out_dir, model_name="policy", base_name="base")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from cme_jax.errors import CmeError
+
+log = logging.getLogger(__name__)
+
+Verdict = Literal["A", "B", "C"]
+Message = dict[str, str]
+
+# ----------------------------------------------------------------------------- prompts
+
+JUDGE_SYSTEM = (
+    "You are an impartial evaluator of AI assistants. You compare two responses to the same user "
+    "instruction and decide which one serves the user better. Judge helpfulness, correctness, "
+    "faithfulness to the instruction and clarity. Do not reward length for its own sake, do not let "
+    "the order in which the responses are shown influence you, and do not favour either assistant "
+    "by name or style. Think briefly, then give your verdict."
+)
+
+PAIRWISE_TEMPLATE = """\
+Compare the two responses to the instruction below.
+
+<instruction>
+{instruction}
+</instruction>
+
+<response_a>
+{output_a}
+</response_a>
+
+<response_b>
+{output_b}
+</response_b>
+
+Explain your reasoning in a few sentences. Then end your reply with a line holding only your verdict:
+A if response A is better, B if response B is better, C if they are equally good, written in double
+brackets as one of [[A]], [[B]] or [[C]]."""
+
+# The template lists the tags as one run of different verdicts, so a judge that merely echoes the
+# instructions parses as unparsed rather than as a verdict.
+
+# Sent after an unparsed reply: a different conversation, so even a greedy judge can answer differently.
+UNPARSED_FOLLOWUP = (
+    "Your reply did not end with a verdict in the required form. Answer with the verdict only: [[A]], [[B]] or [[C]]."
+)
+
+
+def render_pairwise(instruction: str, output_a: str, output_b: str) -> list[Message]:
+    """Build the chat conversation that asks the judge to compare output A with output B."""
+    user = PAIRWISE_TEMPLATE.format(instruction=instruction, output_a=output_a, output_b=output_b)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+# `[[A]]` with tolerance for case, inner whitespace, markdown emphasis inside the brackets and
+# backslash-escaped brackets (`\[\[A\]\]`, common in markdown-happy judges). Single brackets are not
+# accepted: "[A]" is how judges refer to the responses in their reasoning.
+_TAG = re.compile(r"\\?\[\s*\\?\[\s*[*_`]*\s*([abc])\s*[*_`]*\s*\\?\]\s*\\?\]", re.IGNORECASE)
+# What may separate the tags of one run: punctuation, markdown, whitespace, "or"/"and"/"vs".
+_RUN_GAP = re.compile(r"^(?:[\s,;:/|*_`.\-]|\bor\b|\band\b|\bvs\b)*$", re.IGNORECASE)
+
+
+def parse_verdict(text: str | None) -> Verdict | None:
+    """Return the judge's final verdict "A", "B" or "C" (tie), or None when there is none or it is ambiguous.
+
+    The last tag counts (judges often mention tags while reasoning or restate the options before
+    deciding), unless the final run of adjacent tags names different verdicts ("[[A]] or [[B]]",
+    "[[A]], [[B]], [[C]]"): that is the options restated or a hedge, so the reply is unparsed.
+    """
+    if not text:
+        return None
+    matches = list(_TAG.finditer(text))
+    if not matches:
+        return None
+    run = [matches[-1]]
+    for prev in reversed(matches[:-1]):
+        if not _RUN_GAP.match(text[prev.end() : run[-1].start()]):
+            break
+        run.append(prev)
+    letters = {m.group(1).upper() for m in run}
+    if len(letters) > 1:
+        return None
+    return letters.pop()  # type: ignore[return-value]
+
+
+def order_scores(verdict_model_as_a: Verdict, verdict_model_as_b: Verdict) -> tuple[float, float]:
+    """Per-order scores of the model (1 win, 0.5 tie, 0 loss), un-swapping the second order."""
+    first = {"A": 1.0, "B": 0.0, "C": 0.5}[verdict_model_as_a]
+    second = {"A": 0.0, "B": 1.0, "C": 0.5}[verdict_model_as_b]
+    return first, second
+
+
+def combine(verdict_model_as_a: Verdict | None, verdict_model_as_b: Verdict | None) -> float | None:
+    """The model's combined score for a prompt: 1 win, 0 loss, 0.5 tie or split, None if an order is unparsed.
+
+    `verdict_model_as_a` is the verdict of order 1 (model shown as A), `verdict_model_as_b` of
+    order 2 (model shown as B). A win or a loss needs both orders to agree; anything else is a tie.
+    """
+    if verdict_model_as_a is None or verdict_model_as_b is None:
+        return None
+    first, second = order_scores(verdict_model_as_a, verdict_model_as_b)
+    if first == second:
+        return first
+    return 0.5
+
+
+def alpaca_preference(score: float) -> float:
+    """AlpacaEval's preference encoding of a combined score: 1 baseline wins, 1.5 tie, 2 model wins."""
+    return 1.0 + score
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(
+    scores: Sequence[float], *, seed: int = 0, n_boot: int = 2000, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean score, resampling prompts; None when there are none."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def summarize(
+    verdicts: Sequence[tuple[Verdict | None, Verdict | None]],
+    model_lengths: Sequence[float],
+    base_lengths: Sequence[float],
+    *,
+    seed: int = 0,
+    n_boot: int = 2000,
+    length_unit: str = "characters",
+) -> dict[str, Any]:
+    """The numbers of results.json from per-prompt (model-as-A, model-as-B) verdicts and output lengths.
+
+    Takes verdict pairs rather than combined scores because position consistency needs both orders.
+    Rates are fractions in [0, 1]; they are None when no pair was parsed.
+    """
+    if not (len(verdicts) == len(model_lengths) == len(base_lengths)):
+        raise ValueError("verdicts, model_lengths and base_lengths must have the same length")
+    scores: list[float] = []
+    consistent = 0
+    first_position = decisive = 0
+    for v_a, v_b in verdicts:
+        s = combine(v_a, v_b)
+        if s is None:
+            continue
+        scores.append(s)
+        first, second = order_scores(v_a, v_b)  # type: ignore[arg-type]
+        consistent += first == second
+        # How often a decisive verdict picks whatever was shown first: 0.5 means no position bias.
+        for v in (v_a, v_b):
+            if v != "C":
+                decisive += 1
+                first_position += v == "A"
+    n = len(scores)
+    wins = sum(s == 1.0 for s in scores)
+    ties = sum(s == 0.5 for s in scores)
+    losses = sum(s == 0.0 for s in scores)
+    ci = bootstrap_ci(scores, seed=seed, n_boot=n_boot)
+    return {
+        "n": n,
+        "n_total": len(verdicts),
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "unparsed": len(verdicts) - n,
+        "win_rate_tie_adjusted": (wins + 0.5 * ties) / n if n else None,
+        "ci95_low": ci[0] if ci else None,
+        "ci95_high": ci[1] if ci else None,
+        "position_consistency": consistent / n if n else None,
+        "first_position_rate": first_position / decisive if decisive else None,
+        "model_mean_length": float(np.mean(model_lengths)) if len(model_lengths) else None,
+        "base_mean_length": float(np.mean(base_lengths)) if len(base_lengths) else None,
+        "length_unit": length_unit,
+        "bootstrap_resamples": n_boot,
+        "seed": seed,
+    }
+
+
+# ----------------------------------------------------------------------------- judges
+
+
+class Judge(Protocol):
+    """Anything that answers judge conversations: an HTTP endpoint, a local model, a test double."""
+
+    @property
+    def judge_id(self) -> str:
+        """Identifies the judge model and its decoding settings; part of every cache key."""
+        ...
+
+    def judge(
+        self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
+    ) -> list[str]:
+        """Return the judge's reply text for each conversation, in order.
+
+        Call `on_result(i, text)` as soon as reply i is final (per request, or per batch for a local
+        model) so it can be cached before anything else can fail; implementations that never call it
+        still work, they just cache at the end of the call.
+        """
+        ...
+
+
+@dataclasses.dataclass
+class FunctionJudge:
+    """Adapts a plain function from conversations to reply texts into a `Judge` (local models, tests)."""
+
+    fn: Callable[[Sequence[list[Message]]], list[str]]
+    judge_id: str
+    batch_size: int = 16
+
+    def judge(
+        self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
+    ) -> list[str]:
+        """Call `fn` batch by batch, reporting each batch's replies as soon as it returns."""
+        out: list[str] = []
+        for start in range(0, len(conversations), self.batch_size):
+            replies = list(self.fn(conversations[start : start + self.batch_size]))
+            for j, text in enumerate(replies):
+                if on_result is not None:
+                    on_result(start + j, text)
+            out.extend(replies)
+        return out
+
+
+class _Transient(Exception):
+    """A failure worth retrying: connection trouble, timeout, HTTP 408/429/5xx, a mangled body."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass
+class OpenAIJudge:
+    """A judge behind any OpenAI-compatible `/chat/completions` endpoint, called with the standard library.
+
+    The API key is read once, at construction, from the environment variable named by `api_key_env`
+    (None: send no key, for local servers). It is sent only as a Bearer header; it is kept out of
+    repr, logs, error messages and the cache.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    max_retries: int = 5
+    backoff: float = 1.0
+    timeout: float = 120.0
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    max_backoff: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1 or self.max_retries < 0 or self.backoff < 0 or self.timeout <= 0:
+            raise CmeError("judge: max_concurrency must be >= 1, max_retries >= 0, backoff >= 0 and timeout > 0")
+        # A plain attribute, not a dataclass field: repr(), asdict() and == never see the key.
+        self._api_key: str | None = None
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env, "")
+            if not key.strip():
+                raise CmeError(
+                    f"judge: environment variable {self.api_key_env} is not set; export the API key "
+                    "there, or set api_key_env to null for an endpoint that needs no key"
+                )
+            self._api_key = key.strip()
+        self._url = self.base_url.rstrip("/") + "/chat/completions"
+        # The default opener honours http(s)_proxy/no_proxy, as users behind proxies expect.
+        self._opener = urllib.request.build_opener()
+
+    @property
+    def judge_id(self) -> str:
+        """Endpoint, model and decoding settings: a different judge never reuses another's cache."""
+        return (
+            f"openai-chat|{self.base_url.rstrip('/')}|{self.model}|"
+            f"temperature={self.temperature}|max_tokens={self.max_tokens}"
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Remove the key from text that may be shown (servers sometimes echo a rejected key)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    def _post(self, messages: list[Message]) -> str:
+        """One request; returns the reply text or raises _Transient / CmeError."""
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(self._url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = self._scrub(e.read(300).decode("utf-8", "replace").strip().replace("\n", " "))
+            except OSError:
+                detail = ""
+            if e.code in (408, 429) or e.code >= 500:
+                raise _Transient(f"HTTP {e.code}", _retry_after(e.headers)) from None
+            raise CmeError(
+                f"judge endpoint {self._url} answered HTTP {e.code}: {detail[:200]}"
+                + (" (check the API key)" if e.code in (401, 403) else "")
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            raise _Transient(f"{type(e).__name__}: {self._scrub(str(reason))}") from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Transient("response is not a chat completion") from None
+        # A null content (e.g. a refusal) is an empty reply: unparsed, and retried as such.
+        return content if isinstance(content, str) else ""
+
+    def complete(self, messages: list[Message]) -> str:
+        """One conversation with retries and exponential backoff; CmeError when the endpoint keeps failing."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._post(messages)
+            except _Transient as e:
+                last = str(e)
+                if attempt == self.max_retries:
+                    break
+                delay = min(self.max_backoff, self.backoff * 2**attempt)
+                delay = delay * (0.5 + random.random() / 2)  # jitter: concurrent retries do not stampede
+                if e.retry_after is not None:
+                    delay = min(self.max_backoff, max(delay, e.retry_after))
+                log.warning(
+                    "judge request failed (%s); retry %d/%d in %.2f s",
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise CmeError(f"judge endpoint {self._url} failed {self.max_retries + 1} times; last error: {last}")
+
+    def judge(
+        self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
+    ) -> list[str]:
+        """Send all conversations with at most `max_concurrency` in flight; report each reply as it lands.
+
+        When one request fails for good, the queued ones are cancelled but those already in flight
+        are awaited and reported (so they get cached), then the first error is raised.
+        """
+        out: list[str | None] = [None] * len(conversations)
+        if not conversations:
+            return []
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(conversations))) as pool:
+            futures: dict[Future[str], int] = {
+                pool.submit(self.complete, conv): i for i, conv in enumerate(conversations)
+            }
+            try:
+                for fut in as_completed(futures):
+                    try:
+                        text = fut.result()
+                    except CancelledError:
+                        continue
+                    except Exception as e:
+                        if error is None:
+                            error = e
+                            for f in futures:
+                                f.cancel()
+                        continue
+                    i = futures[fut]
+                    out[i] = text
+                    if on_result is not None:
+                        on_result(i, text)
+            finally:
+                # Covers Ctrl-C and a failing on_result too: never keep paying for queued requests.
+                for f in futures:
+                    f.cancel()
+        if error is not None:
+            raise error
+        return out  # type: ignore[return-value]
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from a numeric Retry-After header, if the server sent one."""
+    if headers is None:
+        return None
+    value = headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_key(judge_id: str, messages: list[Message]) -> str:
+    """Stable hash of (judge, full conversation): any change to prompt, outputs or judge is a miss."""
+    blob = json.dumps({"judge": judge_id, "messages": messages}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JudgmentCache:
+    """Append-only JSONL of finished judge replies, keyed by `cache_key`; loaded at start, written per reply.
+
+    Each line is `{"key", "judge", "output"}`; prompts are not stored (the hash suffices). A torn last
+    line from a crash mid-write is skipped. `path=None` keeps the cache in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None):
+        self.path = Path(path) if path is not None else None
+        self._data: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.skipped_lines = 0
+        # A run killed mid-line leaves no final newline: the next append must start a fresh line.
+        self._needs_newline = False
+        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as fb:
+                fb.seek(-1, os.SEEK_END)
+                self._needs_newline = fb.read(1) != b"\n"
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self._data[row["key"]] = row["output"]
+                    except (ValueError, KeyError, TypeError):
+                        self.skipped_lines += 1
+            if self.skipped_lines:
+                log.warning("judgment cache %s: skipped %d unreadable lines", self.path, self.skipped_lines)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str) -> str | None:
+        """The cached reply for a key, or None."""
+        return self._data.get(key)
+
+    def put(self, key: str, judge_id: str, output: str) -> None:
+        """Record a reply in memory and append it to the file at once, so a crash loses nothing."""
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = output
+            if self.path is None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"key": key, "judge": judge_id, "output": output}, ensure_ascii=False)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(("\n" if self._needs_newline else "") + line + "\n")
+                f.flush()
+            self._needs_newline = False
+
+
+# ----------------------------------------------------------------------------- pairwise runs
+
+
+@dataclasses.dataclass(frozen=True)
+class PairItem:
+    """One prompt to judge: the instruction and both sides' outputs."""
+
+    instruction: str
+    model_output: str
+    base_output: str
+    dataset: str | None = None
+
+
+@dataclasses.dataclass
+class PairRecord:
+    """Both verdicts of one prompt, the raw judge replies behind them and the combined score."""
+
+    index: int
+    instruction: str
+    model_output: str
+    base_output: str
+    dataset: str | None
+    verdict_model_as_a: Verdict | None
+    verdict_model_as_b: Verdict | None
+    judge_output_model_as_a: list[str]  # every reply of order 1, retries included
+    judge_output_model_as_b: list[str]
+    model_length: float
+    base_length: float
+
+    @property
+    def score(self) -> float | None:
+        """Combined score of the model: 1, 0.5, 0, or None when unparsed."""
+        return combine(self.verdict_model_as_a, self.verdict_model_as_b)
+
+    @property
+    def outcome(self) -> str:
+        """ "win", "tie", "loss" or "unparsed"."""
+        s = self.score
+        return "unparsed" if s is None else {1.0: "win", 0.5: "tie", 0.0: "loss"}[s]
+
+    def to_json(self) -> dict[str, Any]:
+        """One line of judgments.jsonl, with AlpacaEval's `preference` (1 base, 1.5 tie, 2 model, null)."""
+        s = self.score
+        return {
+            "index": self.index,
+            "instruction": self.instruction,
+            "dataset": self.dataset,
+            "model_output": self.model_output,
+            "base_output": self.base_output,
+            "verdict_model_as_a": self.verdict_model_as_a,
+            "verdict_model_as_b": self.verdict_model_as_b,
+            "score": s,
+            "outcome": self.outcome,
+            "preference": None if s is None else alpaca_preference(s),
+            "model_length": self.model_length,
+            "base_length": self.base_length,
+            "judge_output_model_as_a": self.judge_output_model_as_a,
+            "judge_output_model_as_b": self.judge_output_model_as_b,
+        }
+
+
+IDENTICAL_NOTE = "(identical outputs: tie without asking the judge)"
+
+
+def run_pairwise(
+    items: Sequence[PairItem],
+    judge: Judge,
+    cache: JudgmentCache,
+    *,
+    retries_unparsed: int = 2,
+    tie_identical: bool = True,
+    length_fn: Callable[[str], float] = len,
+) -> list[PairRecord]:
+    """Judge every item in both orders, cache first, retrying unparsed replies; one record per item.
+
+    Rounds: round 0 asks every (item, order) its pairwise conversation; round r > 0 re-asks the ones
+    still unparsed, continuing the conversation with each previous reply and `UNPARSED_FOLLOWUP`. Each
+    round looks every conversation up in the cache and sends only the misses (deduplicated) to the
+    judge; each reply is cached the moment the judge reports it, so an interrupted run resumes
+    without asking anything twice. With `tie_identical`, a pair whose two outputs are equal (after
+    stripping whitespace) is a tie in both orders without a judge call, as AlpacaEval does.
+    """
+    judge_id = judge.judge_id
+    base: dict[tuple[int, int], list[Message]] = {}
+    replies: dict[tuple[int, int], list[str]] = {}
+    verdicts: dict[tuple[int, int], Verdict | None] = {}
+    for i, it in enumerate(items):
+        for order in (0, 1):
+            replies[(i, order)] = []
+            if tie_identical and it.model_output.strip() == it.base_output.strip():
+                replies[(i, order)].append(IDENTICAL_NOTE)
+                verdicts[(i, order)] = "C"
+                continue
+            a, b = (it.model_output, it.base_output) if order == 0 else (it.base_output, it.model_output)
+            base[(i, order)] = render_pairwise(it.instruction, a, b)
+            verdicts[(i, order)] = None
+
+    for round_ in range(retries_unparsed + 1):
+        pending = [k for k in base if verdicts[k] is None and len(replies[k]) == round_]
+        if not pending:
+            break
+        conv: dict[tuple[int, int], list[Message]] = {}
+        for k in pending:
+            # Continue the whole conversation: each retry differs from the last, so it is neither a
+            # cache hit nor (for a greedy judge) a guaranteed repeat of the same reply.
+            msgs = list(base[k])
+            for previous in replies[k]:
+                msgs += [
+                    {"role": "assistant", "content": previous},
+                    {"role": "user", "content": UNPARSED_FOLLOWUP},
+                ]
+            conv[k] = msgs
+        keys = {k: cache_key(judge_id, m) for k, m in conv.items()}
+        misses: dict[str, list[Message]] = {}
+        for k, ck in keys.items():
+            if ck not in cache and ck not in misses:
+                misses[ck] = conv[k]
+        hits = len(set(keys.values())) - len(misses)
+        log.info("judging round %d: %d conversations, %d cached, %d to ask", round_, len(conv), hits, len(misses))
+        if misses:
+            miss_keys = list(misses)
+
+            def on_result(j: int, text: str, miss_keys: list[str] = miss_keys) -> None:
+                cache.put(miss_keys[j], judge_id, text if isinstance(text, str) else "")
+
+            texts = judge.judge([misses[ck] for ck in miss_keys], on_result=on_result)
+            if len(texts) != len(miss_keys):
+                raise CmeError(f"judge {judge_id} returned {len(texts)} replies for {len(miss_keys)} prompts")
+            for ck, text in zip(miss_keys, texts):
+                cache.put(ck, judge_id, text if isinstance(text, str) else "")  # no-op when on_result already stored it
+        for k, ck in keys.items():
+            text = cache.get(ck)
+            assert text is not None
+            replies[k].append(text)
+            verdicts[k] = parse_verdict(text)
+
+    records = []
+    for i, it in enumerate(items):
+        records.append(
+            PairRecord(
+                index=i,
+                instruction=it.instruction,
+                model_output=it.model_output,
+                base_output=it.base_output,
+                dataset=it.dataset,
+                verdict_model_as_a=verdicts[(i, 0)],
+                verdict_model_as_b=verdicts[(i, 1)],
+                judge_output_model_as_a=replies[(i, 0)],
+                judge_output_model_as_b=replies[(i, 1)],
+                model_length=float(length_fn(it.model_output)),
+                base_length=float(length_fn(it.base_output)),
+            )
+        )
+    unparsed = sum(r.score is None for r in records)
+    if unparsed:
+        log.warning("%d of %d pairs stayed unparsed after %d retries", unparsed, len(records), retries_unparsed)
+    return records
+
+
+def summarize_records(
+    records: Sequence[PairRecord], *, seed: int = 0, n_boot: int = 2000, length_unit: str = "characters"
+) -> dict[str, Any]:
+    """`summarize` applied to the records of `run_pairwise`."""
+    return summarize(
+        [(r.verdict_model_as_a, r.verdict_model_as_b) for r in records],
+        [r.model_length for r in records],
+        [r.base_length for r in records],
+        seed=seed,
+        n_boot=n_boot,
+        length_unit=length_unit,
+    )
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_model_outputs(
+    path: str | os.PathLike[str],
+    instructions: Sequence[str],
+    outputs: Sequence[str],
+    generator: str,
+    dataset: str | Sequence[str | None] | None = None,
+) -> None:
+    """Write AlpacaEval's model_outputs.json: a list of {instruction, output, generator[, dataset]}."""
+    if len(instructions) != len(outputs):
+        raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
+    if dataset is None or isinstance(dataset, str):
+        datasets: Sequence[str | None] = [dataset] * len(outputs)
+    else:
+        datasets = dataset
+        if len(datasets) != len(outputs):
+            raise ValueError(f"{len(datasets)} dataset names but {len(outputs)} outputs")
+    rows = []
+    for ins, out, ds in zip(instructions, outputs, datasets):
+        row = {"instruction": ins, "output": out, "generator": generator}
+        if ds is not None:
+            row["dataset"] = ds
+        rows.append(row)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_model_outputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read an AlpacaEval model_outputs.json (or .jsonl) file; each row needs an instruction and an output."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CmeError(f"cannot read model outputs {p}: {e.strerror}") from None
+    try:
+        rows = json.loads(text) if p.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except ValueError as e:
+        raise CmeError(f"model outputs {p} is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise CmeError(f"model outputs {p} must be a JSON list of {{instruction, output, generator}} objects")
+    for j, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or "output" not in row:
+            raise CmeError(f"model outputs {p}: entry {j} lacks a string 'instruction' or an 'output'")
+    return rows
+
+
+def pair_items(model_rows: Iterable[Mapping[str, Any]], base_rows: Iterable[Mapping[str, Any]]) -> list[PairItem]:
+    """Match two AlpacaEval output lists by instruction (in the model's order) into PairItems."""
+    base_by_instruction: dict[str, Mapping[str, Any]] = {}
+    for row in base_rows:
+        base_by_instruction.setdefault(row["instruction"], row)
+    items, missing = [], 0
+    for row in model_rows:
+        other = base_by_instruction.get(row["instruction"])
+        if other is None:
+            missing += 1
+            continue
+        items.append(
+            PairItem(
+                instruction=row["instruction"],
+                model_output=str(row["output"] or ""),
+                base_output=str(other["output"] or ""),
+                dataset=row.get("dataset") or other.get("dataset"),
+            )
+        )
+    if missing:
+        raise CmeError(f"{missing} model instructions have no baseline output; generate both on the same prompts")
+    return items
+
+
+def _pct(x: float | None) -> str:
+    """A rate as a percentage with one decimal, or n/a."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _report_md(records: Sequence[PairRecord], s: dict[str, Any], model: str, base: str, judge: str | None) -> str:
+    """The human-readable report."""
+    unit = s.get("length_unit", "characters")
+    lines = [f"# {model} vs {base}", ""]
+    if s["n"]:
+        sentence = (
+            f"Judged in both orders{f' by `{judge}`' if judge else ''}, **{model}** beats **{base}** on "
+            f"{s['wins']} of {s['n']} prompts, ties {s['ties']} and loses {s['losses']}: a tie-adjusted "
+            f"win rate of **{_pct(s['win_rate_tie_adjusted'])}** (95% bootstrap interval "
+            f"{_pct(s['ci95_low'])} to {_pct(s['ci95_high'])})."
+        )
+    else:
+        sentence = f"No pair could be scored: the judge gave no usable verdict on any of {s['n_total']} prompts."
+    if s["unparsed"]:
+        u = s["unparsed"]
+        sentence += (
+            f" {u} of {s['n_total']} pairs got no parseable verdict after retries; "
+            f"{'it is' if u == 1 else 'they are'} excluded from the rate and listed below."
+        )
+    lines += [sentence, ""]
+    lines += [
+        "| metric | value |",
+        "|---|---|",
+        f"| prompts judged | {s['n_total']} |",
+        f"| scored pairs (n) | {s['n']} |",
+        f"| wins | {s['wins']} |",
+        f"| ties (incl. split verdicts) | {s['ties']} |",
+        f"| losses | {s['losses']} |",
+        f"| unparsed | {s['unparsed']} |",
+        f"| win rate, tie-adjusted | {_pct(s['win_rate_tie_adjusted'])} |",
+        f"| 95% CI (bootstrap over prompts) | {_pct(s['ci95_low'])} to {_pct(s['ci95_high'])} |",
+        f"| position consistency | {_pct(s['position_consistency'])} |",
+        f"| judge picks the first-shown output | {_pct(s.get('first_position_rate'))} |",
+        f"| mean length, {model} ({unit}) | {_num(s['model_mean_length'])} |",
+        f"| mean length, {base} ({unit}) | {_num(s['base_mean_length'])} |",
+        "",
+    ]
+    ml, bl = s["model_mean_length"], s["base_mean_length"]
+    if ml and bl and max(ml / bl, bl / ml) >= 1.5:
+        longer, ratio = (model, ml / bl) if ml > bl else (base, bl / ml)
+        lines += [
+            f"Note: {longer}'s outputs are {ratio:.1f}x as long on average. LLM judges tend to favour longer "
+            "answers, so weigh the win rate against the length difference.",
+            "",
+        ]
+    if s["position_consistency"] is not None and s["position_consistency"] < 0.6:
+        lines += [
+            "Note: the judge agrees with itself after swapping the order on fewer than 60% of pairs; its "
+            "verdicts are close to noise on this set.",
+            "",
+        ]
+    lines += ["![win/tie/loss and output lengths](report.png)", ""]
+    bad = [r for r in records if r.score is None]
+    if bad:
+        lines += ["## Unparsed pairs", "", "| index | instruction | failed order(s) |", "|---|---|---|"]
+        for r in bad:
+            orders = [
+                name
+                for name, v in (("model as A", r.verdict_model_as_a), ("model as B", r.verdict_model_as_b))
+                if v is None
+            ]
+            lines.append(f"| {r.index} | {_cell(r.instruction)} | {', '.join(orders)} |")
+        lines.append("")
+    lines += [
+        "Scoring: each prompt is judged twice with the outputs swapped; a win or loss needs both orders to "
+        "agree, anything else counts as a tie. Win rate = (wins + 0.5 ties) / n. Per-prompt verdicts and "
+        "the judge's replies are in judgments.jsonl.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    """A mean length for the table."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.1f}"
+
+
+def _cell(text: str, limit: int = 80) -> str:
+    """Text shortened and escaped for one markdown table cell."""
+    t = " ".join(text.split()).replace("|", "\\|")
+    return t if len(t) <= limit else t[: limit - 1] + "…"
+
+
+def _report_png(path: Path, records: Sequence[PairRecord], s: dict[str, Any], model: str, base: str) -> None:
+    """Win/tie/loss bars and the two length distributions, drawn with matplotlib's Agg canvas."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CmeError("report.png needs matplotlib: pip install matplotlib") from None
+    # Figure + Agg canvas directly: no pyplot global state, no backend switching, safe in threads.
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
+    labels = ["win", "tie", "loss", "unparsed"]
+    counts = [s["wins"], s["ties"], s["losses"], s["unparsed"]]
+    bars = ax1.bar(labels, counts, color=["#2e7d32", "#9e9e9e", "#c62828", "#f9a825"])
+    for bar, c in zip(bars, counts):
+        ax1.annotate(str(c), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    ax1.set_ylim(0, max(1, *counts) * 1.12)  # room for the count labels above the bars
+    ax1.set_ylabel("prompts")
+    ax1.set_title(
+        f"{model} vs {base}\nwin rate {_pct(s['win_rate_tie_adjusted'])} "
+        f"[{_pct(s['ci95_low'])}, {_pct(s['ci95_high'])}]",
+        fontsize=10,
+    )
+    ml = np.array([r.model_length for r in records], dtype=float)
+    bl = np.array([r.base_length for r in records], dtype=float)
+    if ml.size:
+        both = np.concatenate([ml, bl])
+        bins = np.histogram_bin_edges(both, bins=min(30, max(5, int(np.sqrt(both.size)))))
+        ax2.hist(ml, bins=bins, alpha=0.55, label=f"{model} (mean {ml.mean():.0f})", color="#1565c0")
+        ax2.hist(bl, bins=bins, alpha=0.55, label=f"{base} (mean {bl.mean():.0f})", color="#ef6c00")
+        ax2.axvline(ml.mean(), color="#1565c0", linestyle="--", linewidth=1)
+        ax2.axvline(bl.mean(), color="#ef6c00", linestyle="--", linewidth=1)
+        ax2.legend(fontsize=9)
+    ax2.set_xlabel(f"output length ({s.get('length_unit', 'characters')})")
+    ax2.set_ylabel("outputs")
+    ax2.set_title("output lengths", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def write_results(
+    out_dir: str | os.PathLike[str],
+    records: Sequence[PairRecord],
+    summary: dict[str, Any],
+    model_name: str,
+    base_name: str,
+    judge_id: str | None = None,
+) -> dict[str, Path]:
+    """Write judgments.jsonl, results.json, report.md and report.png into out_dir; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("judgments.jsonl", "results.json", "report.md", "report.png")}
+    with paths["judgments.jsonl"].open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    results = {"model": model_name, "baseline": base_name, "judge": judge_id, **summary}
+    paths["results.json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    paths["report.md"].write_text(_report_md(records, summary, model_name, base_name, judge_id), encoding="utf-8")
+    _report_png(paths["report.png"], records, summary, model_name, base_name)
+    return paths
+
+
+def judge_and_report(
+    items: Sequence[PairItem],
+    judge: Judge,
+    out_dir: str | os.PathLike[str],
+    model_name: str,
+    base_name: str,
+    *,
+    cache_path: str | os.PathLike[str] | None = None,
+    retries_unparsed: int = 2,
+    seed: int = 0,
+    n_boot: int = 2000,
+    length_fn: Callable[[str], float] = len,
+    length_unit: str = "characters",
+) -> dict[str, Any]:
+    """Run, summarize and write a pairwise evaluation; the cache defaults to out_dir/judge_cache.jsonl."""
+    cache = JudgmentCache(cache_path if cache_path is not None else Path(out_dir) / "judge_cache.jsonl")
+    records = run_pairwise(items, judge, cache, retries_unparsed=retries_unparsed, length_fn=length_fn)
+    summary = summarize_records(records, seed=seed, n_boot=n_boot, length_unit=length_unit)
+    write_results(out_dir, records, summary, model_name, base_name, judge_id=judge.judge_id)
+    return summary
