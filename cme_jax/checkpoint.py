@@ -1,0 +1,350 @@
+"""Training checkpoints: async orbax saves of a state pytree plus a JSON metadata dict, restore, preemption.
+
+Run directory layout (one directory per saved step, written by all processes together):
+
+    RUN_DIR/checkpoints/<step>/state/               the state pytree (orbax PyTree, OCDBT)
+    RUN_DIR/checkpoints/<step>/meta/metadata.json   the metadata dict (data position, model spec, config, ...)
+    RUN_DIR/checkpoints/<step>/meta/config.yaml     metadata["config"], human-readable, when present
+
+A step directory exists under its final name only once every file of it is written: orbax writes into
+`<step>.orbax-checkpoint-tmp*` and renames it on finalisation, and step listing ignores those, so a run
+killed mid-save resumes from the last complete step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import types
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from cme_jax.errors import CmeError
+
+CHECKPOINTS = "checkpoints"
+STATE_ITEM = "state"
+META_ITEM = "meta"
+METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.yaml"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run's step directories live."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metadata item: small JSON written by process 0 only.
+
+
+class MetadataHandler(ocp.CheckpointHandler):
+    """Writes the metadata dict as metadata.json and its "config" entry as config.yaml."""
+
+    def save(self, directory: Any, args: MetadataSave) -> None:
+        if jax.process_index() != 0:
+            return
+        directory = Path(directory)
+        (directory / METADATA_FILE).write_text(json.dumps(args.metadata, indent=2))
+        config = args.metadata.get("config")
+        if config is not None:
+            (directory / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+    def restore(self, directory: Any, args: MetadataRestore | None = None) -> dict[str, Any]:
+        return json.loads((Path(directory) / METADATA_FILE).read_text())
+
+
+@ocp.args.register_with_handler(MetadataHandler, for_save=True)
+@dataclasses.dataclass
+class MetadataSave(ocp.args.CheckpointArgs):
+    metadata: dict[str, Any]
+
+
+@ocp.args.register_with_handler(MetadataHandler, for_restore=True)
+@dataclasses.dataclass
+class MetadataRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Typed PRNG keys are stored as their raw key data (uint32), which every orbax version can write; the
+# restoring run's abstract state says which leaves are keys and of which implementation.
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _key_impl(abstract_key: jax.ShapeDtypeStruct) -> Any:
+    impl: list[Any] = []
+
+    def probe(k):
+        impl.append(jax.random.key_impl(k))
+        return k
+
+    jax.eval_shape(probe, jax.ShapeDtypeStruct(abstract_key.shape, abstract_key.dtype))
+    return impl[0]
+
+
+def _key_data_sharding(sharding: Any, key_ndim: int, data_ndim: int) -> Any:
+    """The sharding of key_data(k) for a key array k with `sharding`: trailing key words replicated."""
+    if sharding is None or isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (key_ndim - len(sharding.spec))
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec, *([None] * (data_ndim - key_ndim))))
+    raise TypeError(f"cannot restore a PRNG key with a {type(sharding).__name__}; use a NamedSharding")
+
+
+def _as_abstract(x: Any) -> Any:
+    """ShapeDtypeStruct of an abstract leaf; real arrays count as templates of themselves."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    raise TypeError(f"abstract state leaves must be jax.ShapeDtypeStruct or jax.Array, got {type(x).__name__}")
+
+
+def _abstract_key_data(x: Any) -> Any:
+    x = _as_abstract(x)
+    if not _is_key(x):
+        return x
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    sharding = _key_data_sharding(x.sharding, len(x.shape), len(data.shape))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+def _rewrap_keys(abstract_state: Any, restored: Any) -> Any:
+    def wrap(a, r):
+        a = _as_abstract(a)
+        return jax.random.wrap_key_data(r, impl=_key_impl(a)) if _is_key(a) else r
+
+    return jax.tree.map(wrap, abstract_state, restored)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    metadata: dict[str, Any]
+
+
+class CheckpointManager:
+    """Async, multi-process checkpoints of (state pytree, metadata dict) under RUN_DIR/checkpoints/<step>/.
+
+    Every process calls `save` and `restore` with its own shards (orbax coordinates the writes);
+    the metadata files are written by process 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        save_every: int = 1,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        if save_every < 1:
+            raise CmeError(f"checkpoint save interval must be >= 1, got {save_every}")
+        if keep is not None and keep < 1:
+            raise CmeError(f"number of checkpoints to keep must be >= 1 (or unlimited), got {keep}")
+        self.run_dir = Path(run_dir)
+        self.directory = checkpoint_dir(run_dir)
+        self.save_every = save_every
+        if read_only and not self.directory.is_dir():
+            raise CmeError(f"{self.directory} does not exist; is {self.run_dir} a training run directory?")
+        self.read_only = read_only
+        # Read-only is enforced here rather than with orbax's flag, which logs warnings on every open.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep,
+            enable_async_checkpointing=async_save,
+            # Leftovers of a save that was killed would block saving that step again after resume.
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.directory.absolute(),
+            item_names=(STATE_ITEM, META_ITEM),
+            item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: MetadataHandler()},
+            options=options,
+        )
+        self._in_flight: int | None = None
+
+    # -- listing --------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps of complete checkpoints, ascending.
+
+        A save still in flight in this process is not listed, nor are the old steps it will delete once done.
+        """
+        steps = sorted(self._mngr.all_steps())
+        if self._in_flight is not None and self._mngr.is_saving_in_progress():
+            steps = [s for s in steps if s != self._in_flight]
+        return steps
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Start saving `state` (pytree of jax arrays) and `metadata` (JSON-able dict) as `step`.
+
+        Saves only when `step` is a multiple of `save_every`, or with `force` (preemption, end of run);
+        never twice for one step. Returns whether a save started. When it returns, the arrays have been
+        copied off the devices, so the caller may donate or overwrite them; the files are written in
+        the background (`wait()` blocks until they are complete).
+        """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
+        if not (force or self.should_save(step)):
+            return False
+        self._mngr.wait_until_finished()
+        if step in self._mngr.all_steps():
+            return False
+        try:
+            meta = json.loads(json.dumps(dict(metadata)))  # a private, JSON-checked copy for the writer thread
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint metadata must be JSON-serialisable ({e})") from None
+        args = ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.PyTreeSave(_keys_to_data(state)), META_ITEM: MetadataSave(meta)}
+        )
+        saved = self._mngr.save(step, args=args, force=True)
+        if saved:
+            self._in_flight = step
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk."""
+        self._mngr.wait_until_finished()
+        self._in_flight = None
+
+    def close(self) -> None:
+        """Finish pending saves and release orbax's threads."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+        self._in_flight = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- restoring ------------------------------------------------------------------------------------
+
+    def _resolve_step(self, step: int | None) -> int:
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise CmeError(f"no complete checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CmeError(
+                f"step {step} has no complete checkpoint in {self.directory} (available: {', '.join(map(str, steps))})"
+            )
+        return step
+
+    def metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The metadata dict of `step` (default: the latest complete step)."""
+        step = self._resolve_step(step)
+        return self._mngr.restore(step, args=ocp.args.Composite(**{META_ITEM: MetadataRestore()}))[META_ITEM]
+
+    def restore(self, abstract_state: Any, step: int | None = None, *, partial: bool = False) -> Restored:
+        """Restore `step` (default: latest) into the structure, dtypes and shardings of `abstract_state`.
+
+        `abstract_state` holds jax.ShapeDtypeStruct leaves (or arrays as templates); a leaf with a sharding
+        is read straight into that sharding (each process reads only its shards), one without a sharding
+        comes back as a numpy array. PRNG key leaves (key dtypes) come back as typed keys. With `partial`,
+        `abstract_state` may name a subset of the saved tree, e.g. `{"params": abstract_params}`.
+        """
+        step = self._resolve_step(step)
+        target = jax.tree.map(_abstract_key_data, abstract_state)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        args = ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=partial),
+                META_ITEM: MetadataRestore(),
+            }
+        )
+        try:
+            out = self._mngr.restore(step, args=args)
+        except (ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CmeError(
+                f"checkpoint step {step} in {self.directory} does not fit the state of this run ({first}); "
+                "resume with the configuration it was saved with, or start a new run directory"
+            ) from None
+        state = out[STATE_ITEM]
+        for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(target)):
+            if tuple(got.shape) != tuple(want.shape):
+                raise CmeError(
+                    f"checkpoint step {step} in {self.directory} holds {jax.tree_util.keystr(path)} with shape "
+                    f"{tuple(got.shape)} where this run expects {tuple(want.shape)}; resume with the configuration "
+                    "it was saved with, or start a new run directory"
+                )
+        return Restored(step, _rewrap_keys(abstract_state, state), out[META_ITEM])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preemption: TPU VMs (and most schedulers) send SIGTERM some time before killing the process.
+
+
+class PreemptionFlag:
+    """Set by a signal handler; the training loop polls `requested`, saves a checkpoint and exits."""
+
+    def __init__(self, signals: Iterable[int]):
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if not self.requested:
+            # os.write, not print: the handler may interrupt a print to the same stream.
+            name = signal.Signals(signum).name
+            os.write(2, f"received {name}: saving a checkpoint and stopping after this step\n".encode())
+        self.requested = True
+        self.signum = signum
+
+    def any_process(self) -> bool:
+        """Whether any process was signalled; a collective, so every process must call it at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.asarray(flags).any())
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were installed before."""
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        self._previous.clear()
+
+
+def install_preemption_handler(signals: Iterable[int] = (signal.SIGTERM,)) -> PreemptionFlag:
+    """Catch SIGTERM (by default) so the run can checkpoint and exit 0 instead of dying; main thread only."""
+    return PreemptionFlag(signals)

@@ -1,0 +1,424 @@
+"""The GRPO step: sample -> score -> group advantages -> num_iterations x minibatch updates, as jitted functions.
+
+When every reward is computed on device (verifiers sharing the policy's vocabulary, policy-side baselines),
+`fused` runs the whole step as ONE jitted, sharded function with the state donated. Otherwise the step is
+`rollout` (jit) -> host re-tokenisation and scoring -> `update` (jit), the same update code either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from cme_jax.grpo import GRPOConfig, Metrics, aggregate_metrics, group_advantages, policy_loss, sum_metrics
+from cme_jax.models.logprobs import token_stats
+from cme_jax.models.transformer import Array, ModelConfig, Weights
+from cme_jax.sampling import Rollout, SamplingConfig, sample
+
+ComputeDtype = Literal["float32", "bfloat16"]
+Schedule = Literal["constant", "cosine", "linear"]
+
+# reward_fn(policy compute params, rollout, prompt tokens [R,P], prompt mask [R,P], frozen pytree)
+#   -> (rewards [R] float32, metrics dict of scalars); must be jittable.
+DeviceRewardFn = Callable[[Weights, Rollout, Array, Array, Any], tuple[Array, dict[str, Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a warmup + constant/cosine/linear schedule (per optimizer update)."""
+
+    learning_rate: float = 1e-6
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # floor of cosine/linear decay, as a fraction of learning_rate
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("optim.weight_decay and optim.max_grad_norm must be >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError("optim.b1 and optim.b2 must be in [0, 1)")
+
+
+def lr_schedule(cfg: OptimConfig, total_updates: int) -> optax.Schedule:
+    """Learning rate as a function of the optimizer update count."""
+    peak = cfg.learning_rate
+    decay_steps = max(1, total_updates - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(peak, peak * cfg.min_lr_ratio, decay_steps)
+    else:
+        main = optax.constant_schedule(peak)
+    if cfg.warmup_steps == 0:
+        return main
+    warm = optax.linear_schedule(peak / max(1, cfg.warmup_steps), peak, cfg.warmup_steps)
+    return optax.join_schedules([warm, main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
+    parts.append(
+        optax.adamw(lr_schedule(cfg, total_updates), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    )
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static shape of one RL step."""
+
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    num_iterations: int = 1  # mu: passes over the rollout batch
+    minibatches: int = 1  # optimizer updates per pass
+    micro_batches: int = 1  # gradient accumulation inside one update
+    compute_dtype: ComputeDtype = "float32"
+    log_entropy: bool = True
+
+    def __post_init__(self):
+        for name in ("num_iterations", "minibatches", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def group_size(self) -> int:
+        return self.sampling.num_samples
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+
+    def check_rows(self, rows: int) -> None:
+        per = self.minibatches * self.micro_batches
+        if rows % per:
+            raise ValueError(
+                f"{rows} rollout rows (prompts x num_samples) do not split into {self.minibatches} minibatches x "
+                f"{self.micro_batches} micro-batches; make prompts x num_samples a multiple of {per}"
+            )
+
+
+@struct.dataclass
+class TrainState:
+    params: Weights  # float32 master weights
+    opt_state: Any
+    step: Array  # int32 RL steps completed
+    rng: Array  # base key; step s samples with fold_in(rng, s)
+
+
+def init_state(params: Weights, optimizer: optax.GradientTransformation, seed: int | Array) -> TrainState:
+    rng = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+
+
+@struct.dataclass
+class UpdateBatch:
+    """What the update needs from a rollout, with prompt and response joined as one sequence."""
+
+    tokens: Array  # [R, P+N]
+    mask: Array  # [R, P+N]
+    response_mask: Array  # [R, N]
+    sampler_logp: Array  # [R, N]
+    truncated: Array  # [R]
+    lengths: Array  # [R]
+
+
+def compute_params(params: Weights, dtype: ComputeDtype) -> Weights:
+    """Weights in the compute dtype (float32 master weights stay untouched)."""
+    if dtype == "float32":
+        return params
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def join_rollout(prompts_BxP: Array, pmask_BxP: Array, ro: Rollout, group_size: int) -> UpdateBatch:
+    """Repeat each prompt for its G samples and append the responses."""
+    p = jnp.repeat(prompts_BxP, group_size, axis=0)
+    pm = jnp.repeat(pmask_BxP.astype(bool), group_size, axis=0)
+    return UpdateBatch(
+        tokens=jnp.concatenate([p, ro.tokens], axis=1),
+        mask=jnp.concatenate([pm, ro.mask], axis=1),
+        response_mask=ro.mask,
+        sampler_logp=ro.logprobs,
+        truncated=ro.truncated,
+        lengths=ro.lengths,
+    )
+
+
+def response_logprobs(
+    params: Weights, cfg: ModelConfig, batch: UpdateBatch, prompt_len: int, sc: StepConfig, entropy: bool = False
+) -> dict[str, Array]:
+    """Per-token stats of the response tokens under `params` (temperature-scaled like the sampler)."""
+    return token_stats(
+        compute_params(params, sc.compute_dtype),
+        cfg,
+        batch.tokens,
+        batch.mask,
+        start=prompt_len,
+        temperature=sc.temperature,
+        entropy=entropy,
+    )
+
+
+def _split_rows(x: Array, minibatches: int, micro: int) -> Array:
+    """[R, ...] -> [M, K, R/(M*K), ...] with row i in minibatch i % M, so every minibatch spans all devices."""
+    r = x.shape[0] // (minibatches * micro)
+    return x.reshape(r, micro, minibatches, *x.shape[1:]).transpose(2, 1, 0, *range(3, x.ndim + 2))
+
+
+def update(
+    state: TrainState,
+    batch: UpdateBatch,
+    rewards_R: Array,
+    ref_params: Weights | None,
+    *,
+    cfg: ModelConfig,
+    sc: StepConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, Array]]:
+    """Advantages, old/ref log-probs, then num_iterations x minibatches optimizer updates (pure, jittable)."""
+    G, grpo = sc.group_size, sc.grpo
+    R, N = batch.response_mask.shape
+    P = batch.tokens.shape[1] - N
+    sc.check_rows(R)
+    adv_R, adv_stats = group_advantages(rewards_R.astype(jnp.float32), G, grpo.advantage_mode, grpo.advantage_eps)
+    with jax.named_scope("old_logprobs"):
+        if sc.num_iterations == 1:
+            old = batch.sampler_logp
+        else:
+            old = jax.lax.stop_gradient(response_logprobs(state.params, cfg, batch, P, sc)["logp"])
+    ref = None
+    if grpo.beta > 0:
+        if ref_params is None:
+            raise ValueError("grpo.beta > 0 needs reference weights")
+        with jax.named_scope("ref_logprobs"):
+            ref = jax.lax.stop_gradient(response_logprobs(ref_params, cfg, batch, P, sc)["logp"])
+
+    data = {
+        "tokens": batch.tokens,
+        "mask": batch.mask,
+        "response_mask": batch.response_mask,
+        "old": old,
+        "adv": adv_R,
+        "truncated": batch.truncated,
+    }
+    if ref is not None:
+        data["ref"] = ref
+    M, K = sc.minibatches, sc.micro_batches
+    data = jax.tree.map(lambda x: _split_rows(x, M, K), data)
+
+    def loss_fn(params, x):
+        mb = UpdateBatch(x["tokens"], x["mask"], x["response_mask"], x["old"], x["truncated"], x["response_mask"])
+        stats = response_logprobs(params, cfg, mb, P, sc, entropy=sc.log_entropy)
+        loss_sum, den, metrics = policy_loss(
+            stats["logp"],
+            x["old"],
+            x.get("ref"),
+            x["adv"],
+            x["response_mask"],
+            grpo,
+            truncated_B=x["truncated"],
+            entropy_BxT=stats.get("entropy"),
+        )
+        return loss_sum, (den, metrics)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one_update(carry, i):
+        params, opt_state, totals = carry
+        mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i % M, keepdims=False), data)
+
+        def micro(acc, x):
+            g_acc, loss_acc, den_acc, met_acc = acc
+            (loss_sum, (den, met)), g = grad_fn(params, x)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            met_acc = met if met_acc is None else sum_metrics(met_acc, met)
+            return (g_acc, loss_acc + loss_sum, den_acc + den, met_acc), None
+
+        first = jax.tree.map(lambda x: x[0], mb)
+        (loss0, (den0, met0)), g0 = grad_fn(params, first)
+        rest = jax.tree.map(lambda x: x[1:], mb)
+        (g_sum, loss_sum, den_sum, met), _ = jax.lax.scan(micro, (g0, loss0, den0, met0), rest)
+        denom = jnp.maximum(den_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        loss = loss_sum / denom
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite update leaves params and optimizer state exactly as they were.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+        f = finite.astype(jnp.float32)
+        step_metrics: Metrics = {
+            **met,
+            "loss": (jnp.where(finite, loss, 0.0), f),
+            "grad_norm": (jnp.where(finite, gnorm, 0.0), f),
+            "skipped_updates": (1.0 - f, jnp.ones(())),
+        }
+        totals = step_metrics if totals is None else sum_metrics(totals, step_metrics)
+        return (params, opt_state, totals), None
+
+    n_updates = sc.num_iterations * M
+    (params0, opt0, tot0), _ = one_update((state.params, state.opt_state, None), jnp.asarray(0))
+    (params, opt_state, totals), _ = jax.lax.scan(
+        one_update, (params0, opt0, tot0), jnp.arange(1, n_updates, dtype=jnp.int32)
+    )
+    metrics = aggregate_metrics(totals)
+    metrics["skipped_updates"] = totals["skipped_updates"][0]
+    metrics.update(rollout_metrics(batch, rewards_R, adv_R))
+    metrics.update({f"adv/{k}": v.astype(jnp.float32) for k, v in adv_stats.items()})
+    new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
+
+
+def rollout_metrics(batch: UpdateBatch, rewards_R: Array, adv_R: Array) -> dict[str, Array]:
+    """Reward, length and truncation statistics of one rollout batch."""
+    lengths = batch.lengths.astype(jnp.float32)
+    return {
+        "reward/mean": jnp.mean(rewards_R),
+        "reward/std": jnp.std(rewards_R),
+        "response/length_mean": jnp.mean(lengths),
+        "response/length_max": jnp.max(lengths),
+        "response/truncated_frac": jnp.mean(batch.truncated.astype(jnp.float32)),
+        "response/empty_frac": jnp.mean((batch.lengths == 0).astype(jnp.float32)),
+        "adv/abs_mean": jnp.mean(jnp.abs(adv_R)),
+    }
+
+
+def rollout(
+    state: TrainState,
+    prompts_BxP: Array,
+    pmask_BxP: Array,
+    stop_ids: Array,
+    *,
+    cfg: ModelConfig,
+    sc: StepConfig,
+    pad_id: int,
+) -> Rollout:
+    """Sample G responses per prompt with the current policy; the key depends only on (seed, step)."""
+    key = jax.random.fold_in(state.rng, state.step)
+    params = compute_params(state.params, sc.compute_dtype)
+    return sample(params, cfg, prompts_BxP, pmask_BxP, key, sc.sampling, stop_ids, pad_id)
+
+
+def fused_step(
+    state: TrainState,
+    prompts_BxP: Array,
+    pmask_BxP: Array,
+    stop_ids: Array,
+    ref_params: Weights | None,
+    frozen: Any,
+    *,
+    cfg: ModelConfig,
+    sc: StepConfig,
+    optimizer: optax.GradientTransformation,
+    reward_fn: DeviceRewardFn,
+    pad_id: int,
+) -> tuple[TrainState, dict[str, Array], Rollout]:
+    """Sample, score on device, and update: the whole RL step in one function."""
+    ro = rollout(state, prompts_BxP, pmask_BxP, stop_ids, cfg=cfg, sc=sc, pad_id=pad_id)
+    G = sc.group_size
+    prompts_R = jnp.repeat(prompts_BxP, G, axis=0)
+    pmask_R = jnp.repeat(pmask_BxP, G, axis=0)
+    with jax.named_scope("score"):
+        rewards, reward_metrics = reward_fn(
+            compute_params(state.params, sc.compute_dtype), ro, prompts_R, pmask_R, frozen
+        )
+    batch = join_rollout(prompts_BxP, pmask_BxP, ro, G)
+    state, metrics = update(state, batch, rewards, ref_params, cfg=cfg, sc=sc, optimizer=optimizer)
+    metrics.update(reward_metrics)
+    return state, metrics, ro
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where each argument of the step lives. `rows` shards the leading (batch) axis over the data axes."""
+
+    state: Any
+    rows: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+    ref: Any = None  # Weights of NamedSharding when a reference model is used
+    frozen: Any = None  # pytree of NamedSharding for the device reward's frozen inputs
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """The jitted pieces of a step, compiled with explicit shardings and the state donated."""
+
+    rollout: Callable[..., Rollout]
+    update: Callable[..., tuple[TrainState, dict[str, Array]]]
+    fused: Callable[..., tuple[TrainState, dict[str, Array], Rollout]] | None
+
+
+def build_step(
+    cfg: ModelConfig,
+    sc: StepConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    pad_id: int,
+    shardings: StepShardings | None = None,
+    reward_fn: DeviceRewardFn | None = None,
+) -> StepFunctions:
+    """jit the step functions; without shardings everything runs on the default device."""
+    sh = shardings
+    kw = lambda ins, outs: {} if sh is None else {"in_shardings": ins, "out_shardings": outs}
+
+    roll = jax.jit(
+        lambda state, p, m, s: rollout(state, p, m, s, cfg=cfg, sc=sc, pad_id=pad_id),
+        **kw(None if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated), None if sh is None else sh.rows),
+    )
+    # The state is donated: its buffers become the new state's, so a step never holds two copies of it.
+    upd = jax.jit(
+        lambda state, batch, rewards, ref: update(state, batch, rewards, ref, cfg=cfg, sc=sc, optimizer=optimizer),
+        donate_argnums=0,
+        **kw(
+            None if sh is None else (sh.state, sh.rows, sh.rows, sh.ref),
+            None if sh is None else (sh.state, sh.replicated),
+        ),
+    )
+    fused = None
+    if reward_fn is not None:
+        fused = jax.jit(
+            lambda state, p, m, s, ref, frozen: fused_step(
+                state, p, m, s, ref, frozen, cfg=cfg, sc=sc, optimizer=optimizer, reward_fn=reward_fn, pad_id=pad_id
+            ),
+            donate_argnums=0,
+            **kw(
+                None if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated, sh.ref, sh.frozen),
+                None if sh is None else (sh.state, sh.replicated, sh.rows),
+            ),
+        )
+    return StepFunctions(rollout=roll, update=upd, fused=fused)
+
+
+def state_shardings(
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    param_shardings: Any,
+    replicated: jax.sharding.NamedSharding,
+) -> TrainState:
+    """Shardings of a TrainState: params by the rules, optimizer moments like their params, the rest replicated."""
+    opt = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(params=param_shardings, opt_state=opt, step=replicated, rng=replicated)
