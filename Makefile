@@ -16,24 +16,29 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cme_jax.generate --model smollm2-135m-instruct \
-		--prompt "Give me three tips for writing clear documentation." --max-new-tokens 96
+	$(BIN)/python -m cme_jax.train --config configs/demo_cpu.yaml --no-resume run_dir=runs/demo_cpu_$$(date +%Y%m%d_%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/ruff check cme_jax tests benchmarks
-	$(BIN)/ruff format --check cme_jax tests benchmarks
+	$(BIN)/ruff check cme_jax tests benchmarks launch
+	$(BIN)/ruff format --check cme_jax tests benchmarks launch
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check cme_jax tests benchmarks
-	$(BIN)/ruff format --check cme_jax tests benchmarks
+	$(BIN)/ruff check cme_jax tests benchmarks launch
+	$(BIN)/ruff format --check cme_jax tests benchmarks launch
 
 format: $(STAMP)
-	$(BIN)/ruff format cme_jax tests benchmarks
-	$(BIN)/ruff check --fix cme_jax tests benchmarks
+	$(BIN)/ruff format cme_jax tests benchmarks launch
+	$(BIN)/ruff check --fix cme_jax tests benchmarks launch
 
+# Peers (transformers, TRL) run beside cme_jax in each benchmark; TRL is only needed here.
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/grpo_step.py
+	$(BIN)/python benchmarks/train_demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

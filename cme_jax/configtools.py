@@ -90,6 +90,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise CmeError(f"{where} should be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot (3e-4) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CmeError(f"{where} should be a number, got {value!r}")
         return float(value)

@@ -22,10 +22,11 @@ class LoggingConfig:
     console: bool = True
     samples_every: int = 10  # steps between sample tables (0 disables)
     samples_shown: int = 4  # rows per sample table
+    preview_tokens: int = 48  # greedy tokens of the before/after preview printed at the end of a run (0 = none)
 
     def __post_init__(self):
-        if self.samples_every < 0 or self.samples_shown < 0:
-            raise ValueError("logging.samples_every and logging.samples_shown must be >= 0")
+        if self.samples_every < 0 or self.samples_shown < 0 or self.preview_tokens < 0:
+            raise ValueError("logging.samples_every, logging.samples_shown and logging.preview_tokens must be >= 0")
 
 
 def to_float(v: Any) -> float:

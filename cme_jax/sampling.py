@@ -1,27 +1,42 @@
-"""Batched generation on device: one prefill per prompt, a KV cache copied to G samples, a while-loop decode."""
+"""Batched generation on device: one prefill per prompt, its KV cache copied to G samples, a while-loop decode.
+
+`sample` is a pure, jittable function of (weights, left-padded prompts, rng); the same code runs on one CPU,
+one GPU or a sharded mesh (place the weights with `weight_shardings` and the prompts with `batch_sharding`
+and jit it). Filters and the draw work row by row, so batch rows may be split over the data axes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cme_jax.models.sharding import batch_sharding
 from cme_jax.models.transformer import (
     Array,
     KVCache,
     ModelConfig,
     Weights,
+    _softcap,
+    decode_layout,
     default_positions,
-    forward,
     forward_hidden,
     init_cache,
-    logits_from_hidden,
+    lm_head,
+    split_cache,
 )
+
+# The draw picks a block of this many vocabulary entries, then a token inside it: two short cumulative sums
+# instead of one over the whole vocabulary (fewer rounding steps, and far cheaper than Gumbel noise per entry).
+_DRAW_BLOCK = 256
+# Bisection steps over float32 bit patterns in [0, 1]: enough to separate every pair of distinct floats.
+_TOP_P_STEPS = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +68,10 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def filtered(self) -> bool:
+        return bool(self.top_k) or self.top_p < 1.0 or self.min_p > 0.0
+
 
 @struct.dataclass
 class Rollout:
@@ -60,51 +79,181 @@ class Rollout:
 
     tokens: Array  # [R, N] int32, pad after the end
     mask: Array  # [R, N] bool, response tokens (a final stop token included)
-    logprobs: Array  # [R, N] float32 log p of each sampled token under the temperature-scaled logits
+    logprobs: Array  # [R, N] float32 log p of each token under the temperature-scaled (greedy: raw) logits, unfiltered
     lengths: Array  # [R] int32
     stopped: Array  # [R] bool, ended on a stop token
     truncated: Array  # [R] bool, hit max_new_tokens without a stop token
 
 
-def filter_logits(logits_RxV: Array, scfg: SamplingConfig) -> Array:
-    """Temperature-scaled logits with tokens outside top-k / top-p / min-p set to -inf."""
-    out = logits_RxV
-    neg = jnp.asarray(-jnp.inf, out.dtype)
+# ----------------------------------------------------------------------------------------------------------
+# Filters and the draw. They work on vocabulary-major [V, R] arrays, the orientation the head produces fastest
+# (see `_head_VxR`), so every reduction reads memory in order; rows stay independent.
+
+
+def _top_k_keep(s_VxR: Array, k: int) -> Array:
+    """Entries at or above the k-th largest of their row (ties at the boundary stay, as in transformers)."""
+    # The barrier keeps XLA from rewriting top-k followed by a slice into a full sort of the vocabulary.
+    values_RxK = jax.lax.optimization_barrier(jax.lax.top_k(s_VxR.T, min(k, s_VxR.shape[0])))[0]
+    return s_VxR >= values_RxK[:, -1][None, :]
+
+
+def _top_p_keep(e_VxR: Array, top_p: float) -> Array:
+    """Nucleus: keep token j when the mass of the tokens strictly more likely than j is below top_p.
+
+    `e` holds unnormalised probabilities in [0, 1]. The kept set is {e >= v} for the smallest v whose mass above
+    it, sum(e[e > v]), falls below top_p * sum(e); v is found by bisection over float32 bit patterns, which is
+    exact and needs no sort (sorting the vocabulary every step is slow on CPUs).
+    """
+    target_R = top_p * jnp.sum(e_VxR, axis=0)
+    R = e_VxR.shape[1]
+
+    def mass_above(bits_R):
+        v = jax.lax.bitcast_convert_type(bits_R, jnp.float32)[None, :]
+        return jnp.sum(jnp.where(e_VxR > v, e_VxR, 0.0), axis=0)
+
+    def step(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        ok = mass_above(mid) < target_R  # mid is a valid threshold: look below it
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    # Invariant: mass_above(lo) >= target (0.0 keeps everything) and mass_above(hi) < target (1.0 keeps none).
+    lo = jnp.zeros((R,), jnp.int32)
+    hi = jnp.full((R,), np.float32(1.0).view(np.int32), jnp.int32)
+    _, hi = jax.lax.fori_loop(0, _TOP_P_STEPS, step, (lo, hi))
+    return e_VxR >= jax.lax.bitcast_convert_type(hi, jnp.float32)[None, :]
+
+
+def _inverse_cdf(u_R: Array, w_VxR: Array) -> Array:
+    """Per column, index j with probability w_j / sum(w) (w >= 0) from one uniform u in [0, 1); w_j = 0 never comes."""
+    V, R = w_VxR.shape
+    nb = -(-V // _DRAW_BLOCK)
+    w = jnp.pad(w_VxR, ((0, nb * _DRAW_BLOCK - V), (0, 0))).reshape(nb, _DRAW_BLOCK, R)
+    cum_blocks = jnp.cumsum(jnp.sum(w, axis=1), axis=0)  # [nb, R]
+    x = (1.0 - u_R) * cum_blocks[-1]  # in (0, total]
+    # The first block whose cumulative mass reaches x; it has positive mass since x exceeds every earlier total.
+    blk = jnp.minimum(jnp.sum(cum_blocks < x[None, :], axis=0), nb - 1)
+    before = jnp.take_along_axis(cum_blocks, jnp.maximum(blk - 1, 0)[None, :], axis=0)[0]
+    before = jnp.where(blk > 0, before, 0.0)
+    cum = jnp.cumsum(jnp.take_along_axis(w, blk[None, None, :], axis=0)[0], axis=0)  # [block, R]
+    rest = jnp.minimum(x - before, cum[-1])  # > 0; clipped against the two sums' different rounding
+    return (blk * _DRAW_BLOCK + jnp.sum(cum < rest[None, :], axis=0)).astype(jnp.int32)
+
+
+def _keep_VxR(s_VxR: Array, e_VxR: Array, scfg: SamplingConfig) -> Array | None:
+    """Which tokens top-k, then top-p (renormalised after top-k), then min-p leave; None when none is set."""
+    keep = None
     if scfg.top_k:
-        kth = jax.lax.top_k(out, min(scfg.top_k, out.shape[-1]))[0][..., -1:]
-        out = jnp.where(out >= kth, out, neg)
+        keep = _top_k_keep(s_VxR, scfg.top_k)
     if scfg.top_p < 1.0:
-        desc = -jnp.sort(-out, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        # Keep a token while the mass before it is below top_p; the most likely token always stays.
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < scfg.top_p
-        threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-        out = jnp.where(out >= threshold, out, neg)
+        nucleus = _top_p_keep(e_VxR if keep is None else jnp.where(keep, e_VxR, 0.0), scfg.top_p)
+        keep = nucleus if keep is None else keep & nucleus
     if scfg.min_p > 0.0:
-        floor = jnp.max(out, axis=-1, keepdims=True) + jnp.log(scfg.min_p)
-        out = jnp.where(out >= floor, out, neg)
-    return out
+        floor = e_VxR >= scfg.min_p  # p_j / p_max = e_j; the filters above never remove the top token
+        keep = floor if keep is None else keep & floor
+    return keep
 
 
-def _scaled(logits: Array, scfg: SamplingConfig) -> Array:
-    return logits if scfg.greedy else logits / scfg.temperature
+def _draw_VxR(logits_VxR: Array, u_R: Array, scfg: SamplingConfig) -> tuple[Array, Array]:
+    """`draw` on vocabulary-major logits."""
+    s = logits_VxR.astype(jnp.float32)
+    if not scfg.greedy:
+        s = s / scfg.temperature
+    top_R = jnp.max(s, axis=0)
+    e = jnp.exp(s - top_R[None, :])  # in [0, 1], 1 at the most likely token
+    lse_R = top_R + jnp.log(jnp.sum(e, axis=0))
+    if scfg.greedy:  # the first maximum, as argmax; two plain reductions run faster than XLA's CPU argmax
+        index_V = jnp.arange(s.shape[0], dtype=jnp.int32)[:, None]
+        tok = jnp.min(jnp.where(s == top_R[None, :], index_V, s.shape[0]), axis=0)
+    else:
+        keep = _keep_VxR(s, e, scfg)
+        tok = _inverse_cdf(u_R, e if keep is None else jnp.where(keep, e, 0.0))
+    picked = jnp.take_along_axis(s, tok[None, :], axis=0)[0]
+    return tok, picked - lse_R
 
 
-def _pick(key: Array, logits_RxV: Array, scfg: SamplingConfig) -> Array:
-    if scfg.greedy:
-        return jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits_RxV, scfg), axis=-1).astype(jnp.int32)
+def draw(logits_RxV: Array, u_R: Array, scfg: SamplingConfig) -> tuple[Array, Array]:
+    """Next tokens and their log-probs under the temperature-scaled logits (the filters shape only the draw).
+
+    Greedy takes the argmax; otherwise one uniform u per row picks a token by inverse CDF over the kept tokens.
+    """
+    return _draw_VxR(logits_RxV.T, u_R, scfg)
 
 
-def _repeat_cache(cache: KVCache, g: int) -> KVCache:
-    rep = lambda x, axis: jnp.repeat(x, g, axis=axis)
+def filter_logits(logits_RxV: Array, scfg: SamplingConfig) -> Array:
+    """Temperature-scaled logits with the tokens that top-k / top-p / min-p remove set to -inf."""
+    s = logits_RxV.T.astype(jnp.float32) / (scfg.temperature or 1.0)
+    keep = _keep_VxR(s, jnp.exp(s - jnp.max(s, axis=0, keepdims=True)), scfg)
+    return (s if keep is None else jnp.where(keep, s, -jnp.inf)).T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def _head_VxR(weights: Weights, cfg: ModelConfig, h_RxD: Array) -> Array:
+    """Float32 logits of single positions, vocabulary-major [V, R].
+
+    With few rows XLA's CPU matmul streams the [V, D] head about twice as fast into this orientation as into
+    [R, V], and the filters and the draw reduce over its contiguous leading axis.
+    """
+    logits = jnp.einsum("vd,rd->vr", lm_head(weights), h_RxD, preferred_element_type=jnp.float32)
+    return _softcap(logits, cfg.final_softcap)
+
+
+def _grow_and_repeat(cache: KVCache, n: int, g: int) -> KVCache:
+    """Room for n more tokens per row, and each row repeated g times (group-major)."""
+    slots = lambda x, axis: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
+    rows = lambda x, axis: x if g == 1 else jnp.repeat(x, g, axis=axis)
     return KVCache(
-        k=rep(cache.k, 1),
-        v=rep(cache.v, 1),
-        valid=rep(cache.valid, 0),
-        pos=rep(cache.pos, 0),
+        k=rows(slots(cache.k, 4), 1),
+        v=rows(slots(cache.v, 3), 1),
+        valid=rows(slots(cache.valid, 1), 0),
+        pos=rows(slots(cache.pos, 1), 0),
         length=cache.length,
     )
+
+
+DecodeLayout = Literal["auto", "per_layer", "stacked"]
+
+
+def _per_layer_decode(layout: DecodeLayout) -> bool:
+    """Decode with `decode_layout` weights? "auto" does except on TPUs, whose compiler reads stacked layers in
+    place. On CPUs and GPUs the scan copies each layer's weights and cache out every step (per-layer decoding ran
+    1.8x faster on an H200, 2-3x on a CPU); the price is a second copy of the layer weights while sampling."""
+    if layout == "auto":
+        return jax.default_backend() != "tpu"
+    return layout == "per_layer"
+
+
+def _rows_over_data(tree: Any, mesh: Mesh | None, axis: int = 0) -> Any:
+    """Constrain every array's `axis` (its rows) to the mesh's batch axes; a no-op without a mesh."""
+    if mesh is None:
+        return tree
+    rows = batch_sharding(mesh, 1).spec[0]
+
+    def one(x: Array) -> Array:
+        spec = [None] * x.ndim
+        spec[axis] = rows
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(one, tree)
+
+
+def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    if mesh is None:
+        return cache
+    stacked = not isinstance(cache.k, tuple)  # stacked buffers have the layer axis first
+    return cache.replace(
+        k=_rows_over_data(cache.k, mesh, 1 if stacked else 0),
+        v=_rows_over_data(cache.v, mesh, 1 if stacked else 0),
+        valid=_rows_over_data(cache.valid, mesh),
+        pos=_rows_over_data(cache.pos, mesh),
+    )
+
+
+def _is_stop(tok_R: Array, stop_ids: Array) -> Array:
+    return jnp.any(tok_R[:, None] == stop_ids[None, :], axis=-1)
 
 
 def sample(
@@ -114,69 +263,81 @@ def sample(
     prompt_mask_BxP: Array,
     rng: Array,
     scfg: SamplingConfig,
-    stop_ids: Array,
+    stop_ids: Array | Sequence[int] = (),
     pad_id: int = 0,
+    layout: DecodeLayout = "auto",
+    mesh: Mesh | None = None,
 ) -> Rollout:
-    """Draw num_samples responses per left-padded prompt; pure and jittable (cfg, scfg, pad_id static)."""
+    """Draw num_samples responses per left-padded prompt; pure and jittable (cfg, scfg, pad_id, layout, mesh static).
+
+    The prompt mask is True at real tokens. Rows are group-major (prompt b's samples are rows b*G .. b*G+G-1).
+    A row ends after its first token in `stop_ids` (kept in the response) or after max_new_tokens. Step t draws
+    with the key fold_in(rng, t) and one uniform per row, so results depend only on rng and the inputs.
+    `layout` picks the decode path (see `_per_layer_decode`); both give the same tokens. With a `mesh` (static),
+    the rows of the cache and of the loop state are kept split over its batch axes (data and fsdp) rather than
+    left to the compiler's propagation.
+    """
     B, P = prompt_tokens_BxP.shape
     G, N = scfg.num_samples, scfg.max_new_tokens
     R = B * G
     mask = prompt_mask_BxP.astype(bool)
     positions = default_positions(mask)
-
-    with jax.named_scope("prefill"):
-        cache = init_cache(cfg, B, P + N, weights.embed.dtype)
-        h, cache = forward_hidden(weights, cfg, prompt_tokens_BxP, positions, mask, cache)
-        logits = logits_from_hidden(weights, cfg, h[:, -1:])[:, 0]
-    # Prefill once per prompt, then give each of its G samples a copy of the cache.
-    cache = _repeat_cache(cache, G)
-    logits = jnp.repeat(logits, G, axis=0)
-    next_pos = jnp.repeat(positions[:, -1] + 1, G, axis=0)
     stop_ids = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
 
-    init = (
-        jnp.zeros((), jnp.int32),
-        jnp.full((R, N), pad_id, jnp.int32),
-        jnp.zeros((R, N), bool),
-        jnp.zeros((R, N), jnp.float32),
-        jnp.zeros((R,), bool),
-        cache,
-        logits,
-        next_pos,
-    )
+    def pick(i: Array, logits_VxR: Array) -> tuple[Array, Array]:
+        u = jax.random.uniform(jax.random.fold_in(rng, i), (R,), jnp.float32)
+        return _draw_VxR(logits_VxR, u, scfg)
+
+    with jax.named_scope("prefill"):
+        # A cache exactly as long as the prompt is overwritten whole, so XLA attends to the fresh keys directly
+        # instead of writing them into a larger buffer and reading them back; the N response slots come after.
+        cache = init_cache(cfg, B, P, weights.embed.dtype)
+        h, cache = forward_hidden(weights, cfg, prompt_tokens_BxP, positions, mask, cache)
+        # Prefill once per prompt; each of its G samples continues from a copy of the cache.
+        cache = _grow_and_repeat(cache, N, G)
+        logits_VxB = _head_VxR(weights, cfg, h[:, -1])
+        tok, lp = pick(jnp.zeros((), jnp.int32), jnp.repeat(logits_VxB, G, axis=1))
+    step_weights = weights
+    if _per_layer_decode(layout):
+        step_weights, cache = decode_layout(weights), split_cache(cache)
+    cache = _constrain_cache(cache, mesh)
+
+    toks = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok)
+    tmask = jnp.zeros((R, N), bool).at[:, 0].set(True)
+    logps = jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp)
+    done = _is_stop(tok, stop_ids)
+    pos = jnp.repeat(positions[:, -1] + 1, G, axis=0)
 
     def cond(state):
-        i, *_, done, _cache, _logits, _pos = state
+        i, _, _, _, done, _, _, _ = state
         return (i < N) & ~jnp.all(done)
 
     def body(state):
-        i, toks, tmask, logps, done, cache, logits, pos = state
-        scaled = _scaled(logits, scfg)
-        tok = _pick(jax.random.fold_in(rng, i), scaled, scfg)
-        tok = jnp.where(done, pad_id, tok)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
+        # Feed the token drawn at step i-1, draw step i; finished rows keep running but record nothing.
+        i, toks, tmask, logps, done, cache, tok, pos = state
         live = ~done
+        h, cache = forward_hidden(step_weights, cfg, tok[:, None], pos[:, None], live[:, None], cache)
+        tok, lp = pick(i, _head_VxR(weights, cfg, h[:, 0]))
+        tok = jnp.where(live, tok, pad_id)
         toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
         tmask = jax.lax.dynamic_update_slice(tmask, live[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, jnp.where(live, lp, 0.0)[:, None], (0, i))
-        new_done = done | jnp.isin(tok, stop_ids)
+        done = done | (live & _is_stop(tok, stop_ids))
+        toks, tmask, logps, done, tok = _rows_over_data((toks, tmask, logps, done, tok), mesh)
+        return i + 1, toks, tmask, logps, done, _constrain_cache(cache, mesh), tok, pos + 1
 
-        def decode(args):
-            cache, _ = args
-            lg, cache = forward(weights, cfg, tok[:, None], pos[:, None], live[:, None], cache)
-            return cache, lg[:, 0]
-
-        more = (i + 1 < N) & ~jnp.all(new_done)
-        cache, logits = jax.lax.cond(more, decode, lambda args: args, (cache, logits))
-        return (i + 1, toks, tmask, logps, new_done, cache, logits, pos + 1)
-
+    state = (jnp.ones((), jnp.int32), *_rows_over_data((toks, tmask, logps, done), mesh), cache, tok, pos)
     with jax.named_scope("decode"):
-        _, toks, tmask, logps, done, _, _, _ = jax.lax.while_loop(cond, body, init)
+        _, toks, tmask, logps, done, _, _, _ = jax.lax.while_loop(cond, body, state)
     lengths = jnp.sum(tmask, axis=1).astype(jnp.int32)
     return Rollout(tokens=toks, mask=tmask, logprobs=logps, lengths=lengths, stopped=done, truncated=~done)
 
 
-sample_jit = jax.jit(sample, static_argnames=("cfg", "scfg", "pad_id"))
+sample_jit = jax.jit(sample, static_argnames=("cfg", "scfg", "pad_id", "layout", "mesh"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
 
 
 def response_token_lists(rollout: Rollout, strip_stop: bool = True) -> list[list[int]]:
@@ -191,10 +352,11 @@ def response_token_lists(rollout: Rollout, strip_stop: bool = True) -> list[list
     return out
 
 
-def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
-    """Response texts with special tokens removed."""
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in response_token_lists(rollout)]
-
-
 def batch_decode(tokenizer: Any, token_lists: Sequence[Sequence[int]]) -> list[str]:
+    """Texts of token id lists with special tokens removed."""
     return [tokenizer.decode(list(t), skip_special_tokens=True) for t in token_lists]
+
+
+def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """Response texts with the stop token and other special tokens removed."""
+    return batch_decode(tokenizer, response_token_lists(rollout))

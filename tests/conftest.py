@@ -45,3 +45,18 @@ def hf_smollm():
 @pytest.fixture(scope="session")
 def hf_gemma():
     return _hf_from_gguf("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random HF model directories: a tiny policy and two tiny verifiers (see tests/train_helpers.py)."""
+    from tests.train_helpers import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    from tests.train_helpers import write_prompts
+
+    return write_prompts(tmp_path_factory.mktemp("data") / "prompts.jsonl")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -115,8 +116,8 @@ class Weights:
 class KVCache:
     """Keys and values for every layer plus per-slot bookkeeping shared by all layers."""
 
-    k: Array  # [L, B, S, K, H]
-    v: Array  # [L, B, S, K, H]
+    k: Any  # [L, B, K, H, S] (see `attend`), or a tuple of L [B, K, H, S] buffers (see `split_cache`)
+    v: Any  # [L, B, K, S, H], or a tuple of L [B, K, S, H] buffers
     valid: Array  # [B, S] bool, slot holds a real token
     pos: Array  # [B, S] int32 rotary position of the token in the slot
     length: Array  # [] int32, slots written so far (same for every row)
@@ -266,23 +267,49 @@ def attention_mask(
     return mask
 
 
-def attend(cfg: ModelConfig, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
-    """Grouped-query attention with float32 softmax; returns [B, T, N, H]."""
+def attend(cfg: ModelConfig, q_BxTxNxH: Array, k_BxKxHxS: Array, v_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
+    """Grouped-query attention with float32 softmax; returns [B, T, N, H].
+
+    Keys come head-dim-major ([B, K, H, S]) and values slot-major ([B, K, S, H]): with the (b, k) batch leading,
+    both products are plain [*, H] x [H, S] and [*, S] x [S, H] matmuls that read the cache in order (with keys
+    [B, K, S, H], one query row against a long cache ran about 4x slower on a CPU).
+    """
     B, T, N, H = q_BxTxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+    K = k_BxKxHxS.shape[1]
+    q = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q, k_BxKxHxS, preferred_element_type=jnp.float32)
     scores = _softcap(scores * cfg.scale, cfg.attn_softcap)
     scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out.reshape(B, T, N, H)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _qkv(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array) -> tuple[Array, Array, Array]:
-    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, lw.wq)
-    k = jnp.einsum("btd,dkh->btkh", x_BxTxD, lw.wk)
-    v = jnp.einsum("btd,dkh->btkh", x_BxTxD, lw.wv)
+def _linear(x: Array, w: Array, spec: str, out_major: bool) -> Array:
+    """`einsum(spec, x, w)`; with out_major, w holds the same matrix as [*out, *in] (see `decode_layout`)."""
+    if not out_major:
+        return jnp.einsum(spec, x, w)
+    n_in = len(spec.split(",")[0]) - 2  # every spec here is "bt<in>,...": the input axes follow b and t
+    lead, in_shape = x.shape[:2], x.shape[2:]
+    out_shape = w.shape[: w.ndim - n_in]
+    y_OxM = jnp.einsum("oi,mi->om", w.reshape(-1, math.prod(in_shape)), x.reshape(-1, math.prod(in_shape)))
+    # With few rows XLA's CPU matmul runs this orientation fastest; the barrier keeps the transpose from being
+    # folded back into the product.
+    return jax.lax.optimization_barrier(y_OxM).T.reshape(*lead, *out_shape)
+
+
+def _qkv(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array, out_major: bool = False) -> tuple[Array, Array, Array]:
+    if lw.wk is None:  # `decode_layout` on CPUs: one output-major [(N + 2K) * H, D] matrix
+        B, T, _ = x_BxTxD.shape
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = _linear(x_BxTxD, lw.wq, "btd,do->bto", out_major=True)
+        q = qkv[..., : N * H].reshape(B, T, N, H)
+        k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
+        v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+    else:
+        q = _linear(x_BxTxD, lw.wq, "btd,dnh->btnh", out_major)
+        k = _linear(x_BxTxD, lw.wk, "btd,dkh->btkh", out_major)
+        v = _linear(x_BxTxD, lw.wv, "btd,dkh->btkh", out_major)
     if cfg.qkv_bias:
         q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
     if cfg.qk_norm == "head":
@@ -299,10 +326,35 @@ def _norm(cfg: ModelConfig, x: Array, w: Array | None) -> Array:
     return x if w is None else rms_norm(x, w, cfg.norm_eps, cfg.norm_plus_one)
 
 
-def _mlp(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array) -> Array:
-    gate = jnp.einsum("btd,df->btf", x_BxTxD, lw.w_gate)
-    up = jnp.einsum("btd,df->btf", x_BxTxD, lw.w_up)
-    return jnp.einsum("btf,fd->btd", _activation(cfg, gate) * up, lw.w_down)
+def _mlp(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array, out_major: bool = False) -> Array:
+    if lw.w_up is None:  # `decode_layout` on CPUs: gate and up stacked into one output-major [2F, D] matrix
+        gate, up = jnp.split(_linear(x_BxTxD, lw.w_gate, "btd,df->btf", out_major=True), 2, axis=-1)
+    else:
+        gate = _linear(x_BxTxD, lw.w_gate, "btd,df->btf", out_major)
+        up = _linear(x_BxTxD, lw.w_up, "btd,df->btf", out_major)
+    return _linear(_activation(cfg, gate) * up, lw.w_down, "btf,fd->btd", out_major)
+
+
+def _layer(
+    cfg: ModelConfig,
+    lw: LayerWeights,
+    x: Array,
+    rope: tuple[Array, Array],
+    mask_BxTxS: Array,
+    keys_values: Callable[[Array, Array], tuple[Array, Array]],
+    out_major: bool = False,
+) -> Array:
+    """One decoder block; `keys_values` takes this step's keys [B, K, H, T] and values [B, K, T, H] (writing them
+    to a cache when there is one) and returns the keys and values to attend to."""
+    h = _norm(cfg, x, lw.attn_in_norm)
+    q, k, v = _qkv(cfg, lw, h, out_major)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k_all, v_all = keys_values(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))  # [B, K, H, T], [B, K, T, H]
+    a = attend(cfg, q, k_all, v_all, mask_BxTxS)
+    a = _linear(a, lw.wo, "btnh,nhd->btd", out_major)
+    x = x + _norm(cfg, a, lw.attn_out_norm)
+    h = _norm(cfg, x, lw.mlp_in_norm)
+    return x + _norm(cfg, _mlp(cfg, lw, h, out_major), lw.mlp_out_norm)
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -324,10 +376,10 @@ def default_positions(mask_BxT: Array) -> Array:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache with room for `length` tokens per row."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=jnp.zeros((L, batch, K, H, length), dtype),
+        v=jnp.zeros((L, batch, K, length, H), dtype),
         valid=jnp.zeros((batch, length), bool),
         pos=jnp.zeros((batch, length), jnp.int32),
         length=jnp.zeros((), jnp.int32),
@@ -349,19 +401,23 @@ def forward_hidden(
     mask_BxT: Array,
     cache: KVCache | None = None,
 ) -> tuple[Array, KVCache | None]:
-    """Final-normed hidden states [B, T, D]; with a cache, the T tokens are appended at cache.length."""
+    """Final-normed hidden states [B, T, D]; with a cache, the T tokens are appended at cache.length.
+
+    Stacked weights run the layers as a scan; `decode_layout` weights (a tuple of layers) run them unrolled.
+    """
     T = tokens_BxT.shape[1]
     mask_BxT = mask_BxT.astype(bool)
     x = embed_tokens(cfg, weights, tokens_BxT)
     dtype = x.dtype
 
+    kinds = set(cfg.kinds)
+    mixed = len(kinds) > 1  # only then does each layer pick its rope table and mask at run time
+    window = cfg.sliding_window
     cos_g, sin_g = rope_tables(cfg.rope, cfg.head_dim, positions_BxT)
-    if cfg.rope_local is not None:
+    if cfg.rope_local is not None and "sliding" in kinds:
         cos_l, sin_l = rope_tables(cfg.rope_local, cfg.head_dim, positions_BxT)
     else:
         cos_l, sin_l = cos_g, sin_g
-    sliding_L = jnp.asarray([k == "sliding" for k in cfg.kinds])
-    window = cfg.sliding_window
 
     if cache is None:
         q_slot = jnp.arange(T)
@@ -371,41 +427,133 @@ def forward_hidden(
         q_slot = start + jnp.arange(T)
         k_valid = jax.lax.dynamic_update_slice(cache.valid, mask_BxT, (0, start))
         k_pos = jax.lax.dynamic_update_slice(cache.pos, positions_BxT.astype(jnp.int32), (0, start))
-    full_mask = attention_mask(q_slot, positions_BxT, k_valid, k_pos, None)
-    local_mask = attention_mask(q_slot, positions_BxT, k_valid, k_pos, window) if window else full_mask
+    full_mask = attention_mask(q_slot, positions_BxT, k_valid, k_pos, None) if "full" in kinds or not window else None
+    local_mask = (
+        attention_mask(q_slot, positions_BxT, k_valid, k_pos, window) if "sliding" in kinds and window else None
+    )
+    full_mask = local_mask if full_mask is None else full_mask
+    local_mask = full_mask if local_mask is None else local_mask
 
-    def layer(carry, xs):
-        x, kc, vc = carry
-        lw, idx, sliding = xs
-        h = _norm(cfg, x, lw.attn_in_norm)
-        q, k, v = _qkv(cfg, lw, h)
-        cos = jnp.where(sliding, cos_l, cos_g)
-        sin = jnp.where(sliding, sin_l, sin_g)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kc is None:
-            k_all, v_all = k, v
-        else:
-            kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (idx, 0, cache.length, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (idx, 0, cache.length, 0, 0))
-            k_all, v_all = kc[idx].astype(dtype), vc[idx].astype(dtype)
-        mask = jnp.where(sliding, local_mask, full_mask)
-        a = attend(cfg, q, k_all, v_all, mask)
-        a = jnp.einsum("btnh,nhd->btd", a, lw.wo)
-        x = x + _norm(cfg, a, lw.attn_out_norm)
-        h = _norm(cfg, x, lw.mlp_in_norm)
-        x = x + _norm(cfg, _mlp(cfg, lw, h), lw.mlp_out_norm)
-        return (x, kc, vc), None
+    def pick(sliding, local, full):
+        if not mixed:
+            return local if kinds == {"sliding"} else full
+        return jnp.where(sliding, local, full)
 
-    kc0 = None if cache is None else cache.k
-    vc0 = None if cache is None else cache.v
-    xs = (weights.layers, jnp.arange(cfg.num_layers), sliding_L)
-    with jax.named_scope("layers"):
-        (x, kc, vc), _ = jax.lax.scan(_remat(cfg, layer), (x, kc0, vc0), xs)
+    if isinstance(weights.layers, tuple):
+        x, new_kv = _unrolled_layers(
+            cfg, weights.layers, x, cache, (cos_g, sin_g), (cos_l, sin_l), full_mask, local_mask
+        )
+    else:
+
+        def layer(carry, xs):
+            x, kc, vc = carry
+            lw, idx, sliding = xs
+            written = []
+
+            def keys_values(k, v):
+                if kc is None:
+                    return k, v
+                # The new entries go into the loop-carried cache in place, and separately into this layer's
+                # slice read before the write; when they fill the slice (a prefill) XLA skips the read entirely.
+                k_at, v_at = (0, 0, 0, cache.length), (0, 0, cache.length, 0)
+                written.append(jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (idx, *k_at)))
+                written.append(jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (idx, *v_at)))
+                k_all = jax.lax.dynamic_update_slice(kc[idx], k.astype(kc.dtype), k_at)
+                v_all = jax.lax.dynamic_update_slice(vc[idx], v.astype(vc.dtype), v_at)
+                return k_all.astype(dtype), v_all.astype(dtype)
+
+            rope = (pick(sliding, cos_l, cos_g), pick(sliding, sin_l, sin_g))
+            x = _layer(cfg, lw, x, rope, pick(sliding, local_mask, full_mask), keys_values)
+            return (x, *(written or (kc, vc))), None
+
+        kc0 = None if cache is None else cache.k
+        vc0 = None if cache is None else cache.v
+        if isinstance(kc0, tuple):
+            raise ValueError("a per-layer cache needs per-layer weights (see decode_layout)")
+        sliding_L = jnp.asarray([k == "sliding" for k in cfg.kinds])
+        xs = (weights.layers, jnp.arange(cfg.num_layers), sliding_L)
+        with jax.named_scope("layers"):
+            (x, kc, vc), _ = jax.lax.scan(_remat(cfg, layer), (x, kc0, vc0), xs)
+        new_kv = (kc, vc)
     x = _norm(cfg, x, weights.final_norm)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=kc, v=vc, valid=k_valid, pos=k_pos, length=cache.length + T)
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=k_valid, pos=k_pos, length=cache.length + T)
     return x, new_cache
+
+
+def _unrolled_layers(
+    cfg: ModelConfig,
+    layers: tuple[LayerWeights, ...],
+    x: Array,
+    cache: KVCache | None,
+    rope_global: tuple[Array, Array],
+    rope_local: tuple[Array, Array],
+    full_mask: Array,
+    local_mask: Array,
+) -> tuple[Array, tuple[Any, Any]]:
+    """The layers of `decode_layout` weights one after another, with a per-layer cache (no stacked slices)."""
+    if cache is not None and not isinstance(cache.k, tuple):
+        cache = split_cache(cache)
+    ks = None if cache is None else list(cache.k)
+    vs = None if cache is None else list(cache.v)
+    for i, (lw, kind) in enumerate(zip(layers, cfg.kinds)):
+
+        def keys_values(k, v, i=i):
+            if ks is None:
+                return k, v
+            ks[i] = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, 0, cache.length))
+            vs[i] = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, cache.length, 0))
+            return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
+
+        sliding = kind == "sliding"
+        rope = rope_local if sliding else rope_global
+        x = _layer(cfg, lw, x, rope, local_mask if sliding else full_mask, keys_values, out_major=_out_major())
+    return x, (None, None) if ks is None else (tuple(ks), tuple(vs))
+
+
+def _out_major() -> bool:
+    """Whether `decode_layout` stores matrices output-major: on CPUs, where XLA's few-row matmul streams that
+    orientation fastest; accelerators' matmuls take either orientation at full speed."""
+    return jax.default_backend() == "cpu"
+
+
+def decode_layout(weights: Weights) -> Weights:
+    """The same weights as a tuple of per-layer blocks, for decoding a few rows at a time.
+
+    `forward_hidden` runs these layers unrolled and reads each matrix in place, where a scan over stacked layers
+    copies every layer's slice out on every step (as XLA does on CPUs and GPUs). On CPUs the matrices are also
+    stored output-major ([*out, *in]), which XLA's matmul streams faster with few rows, with q, k and v stacked
+    into `wq` and gate and up into `w_gate` (fewer, larger products; `wk`, `wv` and `w_up` are then None).
+    Costs one copy of the layer weights.
+    """
+    L = weights.layers.wq.shape[0]
+    transpose = _out_major()
+
+    def one(i: int) -> LayerWeights:
+        lw = jax.tree.map(lambda a: a[i], weights.layers)
+        if not transpose:
+            return lw
+        out_in = lambda w: w.reshape(w.shape[0], -1).T  # [D, *out] -> [prod(out), D]
+        return lw.replace(
+            wq=jnp.concatenate([out_in(lw.wq), out_in(lw.wk), out_in(lw.wv)]),  # [(N + 2K) * H, D]
+            wk=None,
+            wv=None,
+            wo=lw.wo.transpose(2, 0, 1),  # [D, N, H]
+            w_gate=jnp.concatenate([lw.w_gate.T, lw.w_up.T]),  # [2F, D]
+            w_up=None,
+            w_down=lw.w_down.T,  # [D, F]
+        )
+
+    return weights.replace(layers=tuple(one(i) for i in range(L)))
+
+
+def split_cache(cache: KVCache) -> KVCache:
+    """The cache with per-layer key and value buffers (tuples of L arrays), as `decode_layout` weights use."""
+    if isinstance(cache.k, tuple):
+        return cache
+    L = cache.k.shape[0]
+    return cache.replace(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)))
 
 
 def lm_head(weights: Weights) -> Array:

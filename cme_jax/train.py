@@ -1,0 +1,471 @@
+"""Train a policy with GRPO on a label-free reward (Cross-Model Entropy by default).
+
+    python -m cme_jax.train --config configs/demo_cpu.yaml [key.sub=value ...] [--resume | --no-resume]
+
+The run directory (`run_dir`) receives checkpoints, `config.yaml`, `metrics.jsonl`, `samples.jsonl` and
+TensorBoard events. A run restarted with the same run_dir resumes from its last complete checkpoint.
+SIGTERM (e.g. TPU preemption) saves a checkpoint and exits cleanly. Multi-host: pass --distributed on every
+host (see launch/ and the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cme_jax import rewards as rewards_lib
+from cme_jax.checkpoint import CheckpointManager, install_preemption_handler
+from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config
+from cme_jax.errors import CmeError, cli_main
+from cme_jax.metrics import RunLogger
+from cme_jax.models.sharding import batch_sharding, make_mesh, replicated, weight_shardings
+from cme_jax.prompts import PromptSampler, PromptSet, load_prompts
+from cme_jax.sampling import Rollout, SamplingConfig, response_token_lists, sample_jit
+from cme_jax.scoring import Verifier, load_verifier
+from cme_jax.sources import LoadedModel, cache_root, load_model, load_tokenizer, resolve
+from cme_jax.tokens import bucket_length, encode_prompts, left_pad, pad_id, stop_token_ids
+from cme_jax.train_step import (
+    StepConfig,
+    StepFunctions,
+    StepShardings,
+    TrainState,
+    build_step,
+    compute_params,
+    init_state,
+    join_rollout,
+    lr_schedule,
+    make_optimizer,
+    state_shardings,
+)
+
+# Console columns: the numbers a person watches while a run goes.
+PROGRESS_KEYS = ("reward/mean", "loss", "kl_mean", "response/length_mean", "time/step")
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def log(msg: str) -> None:
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def initialize_distributed() -> None:
+    """Join the multi-process job: explicit JAX_* variables if set, else JAX's cluster auto-detection."""
+    # CPU processes (tests, launch/local_multiprocess.py) need cross-process collectives: gloo (JAX's default
+    # in recent releases) unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chose another.
+    if not jax.config.jax_cpu_collectives_implementation:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # How long a silent process counts as alive: when one dies, the others stop after this long (JAX's default
+    # unless CME_JAX_HEARTBEAT_TIMEOUT says otherwise; the local launcher stops them itself and sets it long).
+    kw: dict[str, Any] = {}
+    if heartbeat := os.environ.get("CME_JAX_HEARTBEAT_TIMEOUT"):
+        if not heartbeat.isdigit() or int(heartbeat) < 1:
+            raise CmeError(f"CME_JAX_HEARTBEAT_TIMEOUT={heartbeat!r}: give a whole number of seconds >= 1")
+        kw["heartbeat_timeout_seconds"] = int(heartbeat)
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        try:
+            n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise CmeError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid, **kw)
+    else:
+        jax.distributed.initialize(**kw)
+
+
+def compute_dtype(cfg: TrainConfig) -> str:
+    if cfg.model.compute_dtype != "auto":
+        return cfg.model.compute_dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def put_global(x: Any, sharding: jax.sharding.Sharding, fed: set[int] | None = None) -> jax.Array:
+    """A global array from a value every process holds in full; each process transfers only its own shards.
+
+    `fed` (host data only) collects the leading-axis indices this process transferred.
+    """
+    if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # A process-local key (device_put refuses those across processes) travels as its raw words.
+        return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        if fed is not None:
+            fed.update(range(x.shape[0])[index[0]])
+        return x[index]
+
+    return jax.make_array_from_callback(x.shape, sharding, shard)
+
+
+def record_fed(run_dir: Path, step: int, ids: Sequence[int], texts: Sequence[str], rows: Sequence[int]) -> None:
+    """Append the prompts this process fed at `step` to RUN_DIR/fed_prompts.p<process>.jsonl (CME_JAX_RECORD_FED=1)."""
+    row = {
+        "step": step,
+        "rows": list(rows),
+        "prompt_ids": [int(ids[r]) for r in rows],
+        "prompts": [texts[r] for r in rows],
+    }
+    with open(run_dir / f"fed_prompts.p{jax.process_index()}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array on this host."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(sharding: jax.sharding.Sharding, n: int) -> list[int]:
+    """Rows of an [n, ...] array that live on this process's devices: the share this process feeds."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((n,)).values():
+        rows.update(range(n)[index[0]])
+    return sorted(rows)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything loaded for a run."""
+
+    cfg: TrainConfig
+    policy: LoadedModel
+    ref_params: Any
+    verifiers: list[Verifier]
+    data: PromptSet
+    mesh: jax.sharding.Mesh
+    sc: StepConfig
+    prompt_len: int | None = None  # fixed padded prompt length (train.prompt_padding=max)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.data.train)
+
+
+def encode_batch(run: Run, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded policy prompt ids in a length bucket (every process encodes the whole batch alike)."""
+    m = run.cfg.model
+    ids = encode_prompts(run.policy.tokenizer, texts, m.prompt_format, m.template, m.system_prompt)
+    length = bucket_length(max(map(len, ids)))
+    if run.prompt_len is not None:
+        length = max(length, run.prompt_len)
+    return left_pad(ids, length, pad_id(run.policy.tokenizer))
+
+
+def preview(run: Run, params: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy responses of `params` to a few prompts (the demo's before/after)."""
+    toks, mask = encode_batch(run, prompts)
+    scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    stops = np.asarray(stop_token_ids(run.policy.tokenizer, run.cfg.model.stop_strings) or [-1], np.int32)
+    params = compute_params(params, run.sc.compute_dtype)
+    ro = sample_jit(params, run.policy.cfg, toks, mask, jax.random.key(0), scfg, stops, pad_id(run.policy.tokenizer))
+    ro = jax.tree.map(to_host, ro)
+    return [run.policy.tokenizer.decode(t, skip_special_tokens=True) for t in response_token_lists(ro)]
+
+
+def load_run(cfg: TrainConfig) -> Run:
+    """Mesh, policy, reference, verifiers and prompts, in that order (prompt problems surface before models load)."""
+    sizes = check_mesh_fits(cfg, jax.device_count())
+    mesh = make_mesh(*sizes)
+    dtype = compute_dtype(cfg)
+    # The tokenizer and the prompts first: a bad data file fails in seconds, before any weights load.
+    src = resolve(cfg.model.policy)
+    tok = load_tokenizer(src)
+    encode = lambda texts: encode_prompts(
+        tok, texts, cfg.model.prompt_format, cfg.model.template, cfg.model.system_prompt
+    )
+    data = load_prompts(cfg.data, encode_fn=encode)
+    if len(data.train) < cfg.train.prompts_per_step:
+        raise CmeError(
+            f"only {len(data.train)} training prompts remain after filtering, fewer than train.prompts_per_step="
+            f"{cfg.train.prompts_per_step}; use more data or raise data.max_prompt_tokens"
+        )
+    if is_main():  # the input is valid: record it before the (slow) model loads
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml(cfg))
+        print("resolved config:\n" + config_yaml(cfg), file=sys.stderr)
+    log(f"prompts: {data.stats}")
+    log(f"loading policy {cfg.model.policy} ...")
+    policy = dataclasses.replace(
+        load_model(cfg.model.policy, dtype=jnp.float32, mesh=mesh, tokenizer=False), tokenizer=tok
+    )
+    if cfg.model.remat != "none":
+        policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, remat=cfg.model.remat))
+    ref = None
+    if cfg.grpo.beta > 0:
+        if cfg.model.reference == "policy":
+            # Its own buffers: the policy's are donated to the first update.
+            ref = jax.tree.map(jnp.copy, compute_params(policy.weights, dtype))
+        else:
+            log(f"loading reference {cfg.model.reference} ...")
+            ref_model = load_model(cfg.model.reference, dtype=jnp.float32, mesh=mesh, tokenizer=False)
+            if ref_model.cfg != dataclasses.replace(policy.cfg, remat=ref_model.cfg.remat):
+                raise CmeError(f"model.reference {cfg.model.reference!r} must have the policy's architecture")
+            ref = compute_params(ref_model.weights, dtype)
+    verifiers = []
+    for vc in cfg.reward.verifiers:
+        log(f"loading verifier {vc.name} ({vc.model}) ...")
+        verifiers.append(load_verifier(vc, mesh=mesh))
+    sc = StepConfig(
+        grpo=cfg.grpo,
+        sampling=cfg.sampling,
+        num_iterations=cfg.train.num_iterations,
+        minibatches=cfg.train.minibatches,
+        micro_batches=cfg.train.micro_batches,
+        compute_dtype=dtype,
+        log_entropy=cfg.train.log_entropy,
+    )
+    prompt_len = None
+    if cfg.train.prompt_padding == "max":
+        prompt_len = bucket_length(max(len(ids) for ids in encode(list(data.train))))
+    return Run(cfg, policy, ref, verifiers, data, mesh, sc, prompt_len)
+
+
+@dataclasses.dataclass
+class Stepper:
+    """Runs one RL step: fused on device when the reward allows it, else rollout | host rewards | update."""
+
+    run: Run
+    fns: StepFunctions
+    rows: jax.sharding.NamedSharding
+    stops: np.ndarray
+    device_reward: Any  # rewards.DeviceReward or None
+    frozen_shardings: Any
+    fed_rows: list[int] = dataclasses.field(default_factory=list)  # prompt rows this process fed last step
+
+    def __call__(self, state: TrainState, step: int, texts: Sequence[str]) -> tuple[TrainState, dict, Any, dict]:
+        """Returns (new state, metrics, host rollout, host reward components per row)."""
+        run, cfg = self.run, self.run.cfg
+        t0 = time.perf_counter()
+        toks_np, mask_np = encode_batch(run, texts)
+        fed: set[int] = set()
+        toks, mask = put_global(toks_np, self.rows, fed), put_global(mask_np, self.rows)
+        self.fed_rows = sorted(fed)
+        stops = put_global(self.stops, replicated(run.mesh))
+        reward_rng = jax.random.fold_in(jax.random.key(cfg.train.seed + 1), step)
+        if self.device_reward is not None:
+            frozen = self.device_reward.frozen(list(texts), reward_rng)
+            frozen = jax.tree.map(put_global, frozen, self.frozen_shardings)
+            state, metrics, ro = self.fns.fused(state, toks, mask, stops, run.ref_params, frozen)
+            metrics = jax.device_get(metrics)
+            ro_host = jax.tree.map(to_host, ro)
+            return state, metrics, ro_host, {"time/step": time.perf_counter() - t0}
+        ro = self.fns.rollout(state, toks, mask, stops)
+        ro_host: Rollout = jax.tree.map(to_host, ro)
+        t1 = time.perf_counter()
+        policy = dataclasses.replace(run.policy, weights=compute_params(state.params, run.sc.compute_dtype))
+        out = rewards_lib.compute_rewards(
+            cfg.reward,
+            rewards_lib.RewardBatch.from_rollout(texts, ro_host, toks_np, mask_np, run.policy.tokenizer),
+            verifiers=run.verifiers,
+            policy=policy,
+            rng=reward_rng,
+            mesh=run.mesh,
+        )
+        t2 = time.perf_counter()
+        batch = join_rollout(toks, mask, ro, run.sc.group_size)
+        state, metrics = self.fns.update(state, batch, put_global(out.rewards, self.rows), run.ref_params)
+        metrics = jax.device_get(metrics)
+        t3 = time.perf_counter()
+        metrics.update(out.diagnostics)
+        metrics.update({"time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0})
+        return state, metrics, ro_host, {"rewards": out.rewards}
+
+
+def make_stepper(run: Run, optimizer: Any, ssh: TrainState) -> Stepper:
+    cfg = run.cfg
+    tok = run.policy.tokenizer
+    rows = batch_sharding(run.mesh, 1)
+    rep = replicated(run.mesh)
+    device_reward = None
+    if cfg.train.fused:
+        device_reward = rewards_lib.device_reward_fn(
+            cfg.reward, run.verifiers, run.policy.cfg, tok, cfg.sampling.num_samples
+        )
+    frozen_sh = device_reward.frozen_shardings(run.mesh) if device_reward is not None else None
+    ref_sh = weight_shardings(run.policy.cfg, run.mesh) if run.ref_params is not None else None
+    shard = StepShardings(state=ssh, rows=rows, replicated=rep, ref=ref_sh, frozen=frozen_sh)
+    fns = build_step(
+        run.policy.cfg,
+        run.sc,
+        optimizer,
+        pad_id=pad_id(tok),
+        shardings=shard,
+        reward_fn=device_reward.fn if device_reward is not None else None,
+    )
+    stops = np.asarray(stop_token_ids(tok, cfg.model.stop_strings) or [-1], np.int32)
+    log("step: one fused jit (sample + score + update)" if device_reward else "step: rollout | host rewards | update")
+    return Stepper(run, fns, rows, stops, device_reward, frozen_sh)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState | None  # None when the run directory was already complete
+    step: int
+
+
+def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) training; `stop_after` ends this session after that many steps with a checkpoint."""
+    run_dir = Path(cfg.run_dir)
+    mode = cfg.checkpoint.resume if resume is None else ("require" if resume else "never")
+    ckpt = CheckpointManager(
+        run_dir, save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
+    latest = ckpt.latest_step()
+    if mode == "require" and latest is None:
+        raise CmeError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    if mode == "never" and latest is not None:
+        raise CmeError(
+            f"{run_dir} already holds checkpoints (latest step {latest}); resume it, or choose a new run_dir"
+        )
+    if latest is not None and latest >= cfg.train.steps:
+        log(f"{run_dir} is complete (step {latest} of train.steps={cfg.train.steps}); raise train.steps to go on")
+        ckpt.close()
+        return TrainResult(run_dir, None, latest)
+    run = load_run(cfg)
+    if cfg.audit_at_start and run.verifiers:
+        from cme_jax.audit import start_audit
+
+        log(f"auditing the verifiers on {cfg.audit_pairs} preference pairs (audit_at_start) ...")
+        cme_w = next((t.weight for t in cfg.reward.terms if t.name == "cme"), 1.0)
+        weights = [cme_w * v.weight for v in cfg.reward.verifiers]
+        lines = start_audit(
+            run.verifiers, weights, run_dir / "audit", limit=cfg.audit_pairs, zscore=cfg.reward.zscore, mesh=run.mesh
+        )
+        for line in lines:
+            log(f"warning: {line}")
+        log(f"audit report: {run_dir / 'audit' / 'report.md'}")
+    total_updates = cfg.train.steps * cfg.train.num_iterations * cfg.train.minibatches
+    optimizer = make_optimizer(cfg.optim, total_updates)
+    schedule = lr_schedule(cfg.optim, total_updates)
+    wsh = weight_shardings(run.policy.cfg, run.mesh)
+    state = init_state(run.policy.weights, optimizer, cfg.train.seed)
+    ssh = state_shardings(state, optimizer, wsh, replicated(run.mesh))
+    sampler = PromptSampler(len(run.prompts), cfg.data.seed, fingerprint=run.data.fingerprint)
+    start_step = 0
+    if latest is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, ssh)
+        restored = ckpt.restore(abstract, latest)
+        state, start_step = restored.state, latest
+        sampler = PromptSampler.from_state(restored.metadata["data"], len(run.prompts), run.data.fingerprint)
+        log(f"resumed from step {start_step} of {run_dir}")
+    state = jax.tree.map(put_global, state, ssh)
+    stepper = make_stepper(run, optimizer, ssh)
+
+    logger = RunLogger(run_dir, cfg.logging, cfg.train.steps, start_step, active=is_main())
+    flag = install_preemption_handler()
+    preview_prompts = list((run.data.heldout or run.data.train)[:2])
+    before = None
+    if start_step == 0 and cfg.logging.preview_tokens:
+        before = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
+    n_updates = cfg.train.num_iterations * cfg.train.minibatches
+    nonfinite = 0
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
+    done = start_step
+    try:
+        for step in range(start_step, end):
+            idx, sampler = sampler.global_batch(cfg.train.prompts_per_step)
+            texts = [run.prompts[i] for i in idx]
+            state, metrics, ro, extra = stepper(state, step, texts)
+            if os.environ.get("CME_JAX_RECORD_FED") == "1":
+                record_fed(run_dir, step + 1, idx, texts, stepper.fed_rows)
+            metrics.update({k: v for k, v in extra.items() if k.startswith("time/")})
+            n_tokens = float(np.asarray(ro.lengths).sum())
+            metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
+            metrics["optim/lr"] = float(schedule((step + 1) * n_updates - 1))
+            values = logger.scalars(step + 1, metrics)
+            logger.progress(step + 1, values, PROGRESS_KEYS)
+            nonfinite = nonfinite + 1 if values.get("skipped_updates", 0) >= n_updates else 0
+            if nonfinite >= cfg.train.max_nonfinite_steps:
+                raise CmeError(
+                    f"{nonfinite} steps in a row had non-finite loss or gradients (all updates skipped); the last "
+                    f"good weights are in {run_dir / 'checkpoints'}; lower optim.learning_rate or check the rewards"
+                )
+            if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
+                _log_samples(logger, step + 1, texts, ro, run.policy.tokenizer, extra.get("rewards"), cfg)
+            meta = {"data": sampler.state_dict(), "config": config_to_dict(cfg), "model_spec": cfg.model.policy}
+            ckpt.save(step + 1, state, meta, force=(step + 1 == end))
+            done = step + 1
+            if flag.any_process():
+                log(f"termination signal: saving step {step + 1} and stopping")
+                ckpt.save(step + 1, state, meta, force=True)
+                break
+    finally:
+        ckpt.close()
+        logger.close()
+        flag.uninstall()
+    if before is not None:
+        after = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
+        for p, b, a in zip(preview_prompts, before, after):
+            log(f"\nprompt: {p}\n  before: {b.strip()[:300]}\n  after:  {a.strip()[:300]}")
+    log(f"\nrun directory: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
+    return TrainResult(run_dir, state, done)
+
+
+def _log_samples(logger: RunLogger, step: int, texts, ro, tok, rewards, cfg: TrainConfig) -> None:
+    G = cfg.sampling.num_samples
+    responses = [tok.decode(t, skip_special_tokens=True) for t in response_token_lists(ro)]
+    rows = []
+    for i in range(min(cfg.logging.samples_shown, len(responses))):
+        row = {"prompt": texts[i // G], "response": responses[i], "length": int(np.asarray(ro.lengths)[i])}
+        if rewards is not None:
+            row["reward"] = round(float(rewards[i]), 4)
+        rows.append(row)
+    logger.samples(step, rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cme_jax.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the YAML")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", default=None, help="require a checkpoint to resume from")
+    g.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to reuse a run_dir")
+    p.add_argument("--distributed", action="store_true", help="join a multi-process job (jax.distributed)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps of this session")
+    return p
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled programs on disk so a restarted or repeated run skips most compilation."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    enable_compilation_cache()
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg))
+        return
+    if args.distributed:
+        initialize_distributed()
+    if args.stop_after is not None and args.stop_after < 1:
+        raise CmeError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
+    train(cfg, resume=args.resume, stop_after=args.stop_after)
+
+
+if __name__ == "__main__":
+    main()

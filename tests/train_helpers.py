@@ -1,0 +1,83 @@
+"""Tiny trainer runs shared by the trainer, learning and multi-process tests: random HF models and configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.tiny_hf import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "the quick brown fox",
+    "say hello to the world",
+    "answer the question",
+    "count from one to five",
+    "a small corpus",
+    "jumps over the lazy dog",
+    "write one clear sentence",
+    "seven eight nine ten",
+]
+
+
+def write_tiny(path: Path, model_type: str, seed: int, vocab: int, sharpen: float = 1.0) -> str:
+    """A random HF model directory (safetensors + tokenizer) cme_jax loads like any local model.
+
+    `sharpen` scales the output head: a random model is nearly uniform over its vocabulary, a verifier needs
+    preferences strong enough for a policy to learn from.
+    """
+    import torch
+
+    tok = tiny_tokenizer(vocab)
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tok), max_position_embeddings=512)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpen)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_tiny_models(root: Path) -> dict[str, str]:
+    """The policy, a verifier with its vocabulary (fused path) and one with another vocabulary (text path)."""
+    return {
+        "policy": write_tiny(root / "policy", "llama", 0, 320),
+        "same_vocab": write_tiny(root / "same_vocab", "qwen2", 1, 320, sharpen=8.0),
+        "other_vocab": write_tiny(root / "other_vocab", "qwen3", 2, 400, sharpen=8.0),
+    }
+
+
+def write_prompts(path: Path) -> str:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def tiny_config(tiny_models, prompts_file, run_dir, verifier="other_vocab", **sections) -> dict:
+    """A few-second run: tiny policy, tiny verifier, 2 prompts x 2 samples x 8 tokens per step."""
+    cfg = {
+        "run_dir": str(run_dir),
+        "model": {"policy": tiny_models["policy"], "reference": "policy"},
+        "reward": {"verifiers": [{"name": "v", "model": tiny_models[verifier], "context": "chat", "max_length": 16}]},
+        "sampling": {"num_samples": 2, "max_new_tokens": 8, "temperature": 1.0},
+        "grpo": {"beta": 0.04},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "prompts_per_step": 2, "fused": False},
+        "mesh": {"data": 2, "fsdp": 1, "tensor": 4},  # the tests' 8 CPU devices
+        "data": {"source": prompts_file, "max_prompt_tokens": 64},
+        "checkpoint": {"every": 3, "keep": 5, "async_save": True},
+        "logging": {"samples_every": 3, "preview_tokens": 0, "tensorboard": True},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
