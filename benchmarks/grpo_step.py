@@ -8,8 +8,8 @@ re-tokenised from text), beta 0.04 with the initial policy as reference, every c
 process. The table splits cme_jax's step into sample / score / update and prints the step's minimum FLOPs
 over this machine's measured matmul rate: the floor no implementation beats.
 
-On a GPU (`--gpu`), the benchmark instead times the fused step of a random-weight Qwen2.5-0.5B-sized policy
-with a same-vocabulary verifier and reports the update's model-FLOPs utilisation.
+On a GPU, `benchmarks/gpu.py` times the fused step of a random-weight Qwen2.5-0.5B-sized policy with a
+same-vocabulary verifier and reports the update's model-FLOPs utilisation.
 """
 
 from __future__ import annotations
@@ -88,19 +88,33 @@ def child_jax(args) -> dict:
         ro = fns.rollout(state, toks, mask, no_stop)
         jax.block_until_ready(ro.tokens)
         t1 = time.perf_counter()
-        out = compute_rewards(rcfg, RewardBatch.from_rollout(texts, ro, toks, mask, policy.tokenizer), verifiers=[verifier])
+        out = compute_rewards(
+            rcfg, RewardBatch.from_rollout(texts, ro, toks, mask, policy.tokenizer), verifiers=[verifier]
+        )
         t2 = time.perf_counter()
-        state, metrics = fns.update(state, join_rollout(toks, mask, ro, sc.group_size), out.rewards, ref)
+        state, _ = fns.update(state, join_rollout(toks, mask, ro, sc.group_size), out.rewards, ref)
         jax.block_until_ready(state.params)
         t3 = time.perf_counter()
         if step:
             splits.append((t1 - t0, t2 - t1, t3 - t2))
     sample, score, upd = (float(np.mean(c)) for c in zip(*splits))
     ctx_v = int(np.mean([len(verifier.context_ids(t)) for t in texts]))
-    flops = floor_flops(policy.cfg, verifier.model.cfg, len(texts) * args.samples, toks.shape[1], args.new_tokens,
-                        ctx_v, args.new_tokens)
-    return {"sample": sample, "score": score, "update": upd, "flops": flops,
-            "tokens": int(np.asarray(ro.lengths).sum())}
+    flops = floor_flops(
+        policy.cfg,
+        verifier.model.cfg,
+        len(texts) * args.samples,
+        toks.shape[1],
+        args.new_tokens,
+        ctx_v,
+        args.new_tokens,
+    )
+    return {
+        "sample": sample,
+        "score": score,
+        "update": upd,
+        "flops": flops,
+        "tokens": int(np.asarray(ro.lengths).sum()),
+    }
 
 
 def child_trl(args) -> dict:
@@ -108,10 +122,9 @@ def child_trl(args) -> dict:
 
     import torch
     from datasets import Dataset
+    from forward import _hf_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from forward import _hf_dir
 
     torch.manual_seed(0)
     policy_dir, verifier_dir = _hf_dir(POLICY), _hf_dir(VERIFIER)
@@ -174,8 +187,9 @@ def child_trl(args) -> dict:
     )
     timer = Timer()
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=cme, args=cfg, train_dataset=data, processing_class=tok,
-                          callbacks=[timer])
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=cme, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer]
+    )
     trainer.train()
     return {"step": float(sum(timer.times[1:]) / max(1, len(timer.times) - 1))}
 
@@ -193,16 +207,29 @@ def main() -> None:
         print(json.dumps(child_jax(args) if args.child == "jax" else child_trl(args)))
         return
     peak = matmul_gflops()
-    common = ["--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens", str(args.new_tokens),
-              "--steps", str(args.steps)]
+    common = [
+        "--prompts",
+        str(args.prompts),
+        "--samples",
+        str(args.samples),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--steps",
+        str(args.steps),
+    ]
     j = run_child(__file__, [*common, "--child", "jax"])
     t = None if args.skip_trl else run_child(__file__, [*common, "--child", "trl"])
     ours = j["sample"] + j["score"] + j["update"]
     floor = {k: v / (peak * 1e9) for k, v in j["flops"].items()}
     rows = [
         ["cme_jax", f"{ours:.1f}", f"{j['sample']:.1f}", f"{j['score']:.1f}", f"{j['update']:.1f}"],
-        ["FLOP floor", f"{sum(floor.values()):.1f}", f"{floor['sample']:.1f}", f"{floor['score']:.1f}",
-         f"{floor['update']:.1f}"],
+        [
+            "FLOP floor",
+            f"{sum(floor.values()):.1f}",
+            f"{floor['sample']:.1f}",
+            f"{floor['score']:.1f}",
+            f"{floor['update']:.1f}",
+        ],
     ]
     if t is not None:
         rows.insert(1, ["TRL GRPOTrainer", f"{t['step']:.1f}", "", "", ""])

@@ -6,6 +6,7 @@ Every check here produces one line that names the key and what is allowed; the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -92,10 +93,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads exponents without a dot (3e-4) as strings.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CmeError(f"{where} should be a number, got {value!r}")
         return float(value)
