@@ -166,11 +166,12 @@ def main() -> None:
                 try:
                     j, t = _pair(common, args, torch_first=bool(r % 2))
                 except RuntimeError as e:  # e.g. a child killed for memory on a shared machine: keep the rest
-                    reason = str(e).strip().splitlines()[0][:80]
+                    lines = [x for x in str(e).splitlines() if x.strip()]
+                    reason = (lines[-1] if len(lines) > 1 else "exited without output (killed?)")[:80]
                     rows.append([shape, r + 1, "failed", "", "", "", "", reason, "", f"{load:.1f}"])
                     print(f"failed {shape} round {r + 1}: {reason}", file=sys.stderr)
                     continue
-                new = _rows(shape, r + 1, batch * (context + response), j, t, peak, load)
+                new = _table_rows(shape, r + 1, batch * (context + response), j, t, peak, load)
                 rows.extend(new)
                 print(f"done {shape} round {r + 1}: " + " | ".join(map(str, new[-1][3:9])), file=sys.stderr)
     print(f"\nverifier scoring, {ALIAS}; float32 matmul peak {peak:,.1f} GFLOP/s (measured in this run)\n")
@@ -200,7 +201,7 @@ def _pair(common: list[str], args: argparse.Namespace, torch_first: bool) -> tup
     return j, run_child(__file__, torch_args)
 
 
-def _rows(shape: str, round_: int, tokens: int, j: dict, t: dict, peak: float, load: float) -> list[list]:
+def _table_rows(shape: str, round_: int, tokens: int, j: dict, t: dict, peak: float, load: float) -> list[list]:
     """Table rows of one pair: each side, then the ratios (tokens/s gain, peak and working memory fractions)."""
     out = []
     for name, res in (("cme_jax", j), ("transformers", t)):
@@ -223,7 +224,8 @@ def _rows(shape: str, round_: int, tokens: int, j: dict, t: dict, peak: float, l
     speed = t["seconds"] / j["seconds"]
     mem = j["peak"] / t["peak"]
     work = (j["peak"] - j["loaded"]) / max(t["peak"] - t["loaded"], 1)
-    out.append([shape, round_, "ratio", "", f"{speed:.2f}x", f"{mem:.2f}", f"{work:.3f}", f"|diff| {diff:.1e}", "", ""])
+    note = f"max abs diff {diff:.1e}"
+    out.append([shape, round_, "ratio", "", f"{speed:.2f}x", f"{mem:.2f}", f"{work:.3f}", note, "", ""])
     return out
 
 

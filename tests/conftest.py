@@ -1,10 +1,15 @@
 """Shared fixtures: eight fake CPU devices, float32-exact matmuls, the two embedded real models."""
 
 import os
+import tempfile
 
 # Must be set before jax initialises its backends: sharding tests use 8 fake CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One on-disk compilation cache for the session, inherited by the trainer subprocesses the tests start:
+# they compile the same programs as the in-process runs, and compilation dominates their time on a CPU.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cme_jax_test_xla_"))
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # subprocesses too, so their programs match
 
 import jax
 import pytest

@@ -21,7 +21,14 @@ from cme_jax.errors import CmeError
 from cme_jax.generate import generate_responses
 from cme_jax.models.logprobs import token_logprobs
 from cme_jax.models.sharding import batch_sharding, make_mesh, weight_shardings
-from cme_jax.sampling import SamplingConfig, decode_responses, draw, response_token_lists, sample_jit
+from cme_jax.sampling import (
+    SamplingConfig,
+    decode_responses,
+    draw,
+    prepare_decode,
+    response_token_lists,
+    sample_jit,
+)
 from cme_jax.sources import load_model
 from cme_jax.tokens import bucket_length, encode_prompts, left_pad, stop_token_ids
 
@@ -248,6 +255,12 @@ def test_stop_tokens_end_rows_independently(tiny, layout):
         assert response_token_lists(ro)[r] == ref[r, : n - 1 if len(hits) else n].tolist()
     assert len(set(ends)) >= 3 and N in ends
     assert decode_responses(m.tokenizer, ro)[0] == m.tokenizer.decode(response_token_lists(ro)[0])
+    # A decode copy of the weights built once (as `generate` passes it) gives the same rollout.
+    prepared = prepare_decode(m.weights, layout)
+    assert (prepared is None) == (layout == "stacked")
+    again = sample_jit(m.weights, m.cfg, toks, mask, jax.random.key(0), greedy, stops, 0, decode_weights=prepared)
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(ro.tokens))
+    np.testing.assert_allclose(np.asarray(again.logprobs), np.asarray(ro.logprobs), atol=1e-6)
 
 
 def _pick_stops(ref: np.ndarray) -> np.ndarray:
