@@ -37,6 +37,10 @@ from cme_jax.models.transformer import (
 _DRAW_BLOCK = 256
 # Bisection steps over float32 bit patterns in [0, 1]: enough to separate every pair of distinct floats.
 _TOP_P_STEPS = 30
+# Decoding reads the whole KV cache every step, so the cache grows in up to this many stages as the responses do
+# (each stage is one more compiled loop body; short responses use one).
+_CACHE_STAGES = 4
+_MIN_STAGE_TOKENS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,17 +205,34 @@ def _head_VxR(weights: Weights, cfg: ModelConfig, h_RxD: Array) -> Array:
     return _softcap(logits, cfg.final_softcap)
 
 
-def _grow_and_repeat(cache: KVCache, n: int, g: int) -> KVCache:
-    """Room for n more tokens per row, and each row repeated g times (group-major)."""
-    slots = lambda x, axis: jnp.pad(x, [(0, n if a == axis else 0) for a in range(x.ndim)])
-    rows = lambda x, axis: x if g == 1 else jnp.repeat(x, g, axis=axis)
-    return KVCache(
-        k=rows(slots(cache.k, 4), 1),
-        v=rows(slots(cache.v, 3), 1),
-        valid=rows(slots(cache.valid, 1), 0),
-        pos=rows(slots(cache.pos, 1), 0),
-        length=cache.length,
+def _grow(cache: KVCache, n: int) -> KVCache:
+    """Room for n more tokens per row (stacked or per-layer buffers; keys [.., H, S], values [.., S, H])."""
+    slots = lambda axis: lambda x: jnp.pad(x, [(0, n if a == x.ndim + axis else 0) for a in range(x.ndim)])
+    return cache.replace(
+        k=jax.tree.map(slots(-1), cache.k),
+        v=jax.tree.map(slots(-2), cache.v),
+        valid=slots(-1)(cache.valid),
+        pos=slots(-1)(cache.pos),
     )
+
+
+def _repeat_rows(cache: KVCache, g: int) -> KVCache:
+    """Each row of a stacked cache repeated g times (group-major)."""
+    if g == 1:
+        return cache
+    return cache.replace(
+        k=jnp.repeat(cache.k, g, axis=1),
+        v=jnp.repeat(cache.v, g, axis=1),
+        valid=jnp.repeat(cache.valid, g, axis=0),
+        pos=jnp.repeat(cache.pos, g, axis=0),
+    )
+
+
+def cache_stages(n: int) -> list[int]:
+    """The decode steps at which each cache stage ends: up to `_CACHE_STAGES` equal stages of at least
+    `_MIN_STAGE_TOKENS`, the last ending at n. A stage ending at step e holds the prompt plus e tokens."""
+    k = max(1, min(_CACHE_STAGES, n // _MIN_STAGE_TOKENS))
+    return [(n * (j + 1)) // k for j in range(k)]
 
 
 DecodeLayout = Literal["auto", "per_layer", "stacked"]
@@ -296,7 +317,8 @@ def sample(
         cache = init_cache(cfg, B, P, weights.embed.dtype)
         h, cache = forward_hidden(weights, cfg, prompt_tokens_BxP, positions, mask, cache)
         # Prefill once per prompt; each of its G samples continues from a copy of the cache.
-        cache = _grow_and_repeat(cache, N, G)
+        stages = cache_stages(N)
+        cache = _repeat_rows(_grow(cache, stages[0]), G)
         logits_VxB = _head_VxR(weights, cfg, h[:, -1])
         tok, lp = pick(jnp.zeros((), jnp.int32), jnp.repeat(logits_VxB, G, axis=1))
     step_weights = weights
@@ -312,9 +334,12 @@ def sample(
     done = _is_stop(tok, stop_ids)
     pos = jnp.repeat(positions[:, -1] + 1, G, axis=0)
 
-    def cond(state):
-        i, _, _, _, done, _, _, _ = state
-        return (i < N) & ~jnp.all(done)
+    def cond(end: int):
+        def until(state):
+            i, _, _, _, done, _, _, _ = state
+            return (i < end) & ~jnp.all(done)
+
+        return until
 
     def body(state):
         # Feed the token drawn at step i-1, draw step i; finished rows keep running but record nothing.
@@ -332,7 +357,12 @@ def sample(
 
     state = (jnp.ones((), jnp.int32), *_rows_over_data((toks, tmask, logps, done), mesh), cache, tok, pos)
     with jax.named_scope("decode"):
-        _, toks, tmask, logps, done, _, _, _ = jax.lax.while_loop(cond, body, state)
+        for j, end in enumerate(stages):
+            if j:  # the next stage's slots: one copy of the cache, where every step reads all of it
+                grown = _constrain_cache(_grow(state[5], end - stages[j - 1]), mesh)
+                state = (*state[:5], grown, *state[6:])
+            state = jax.lax.while_loop(cond(end), body, state)
+        _, toks, tmask, logps, done, _, _, _ = state
     lengths = jnp.sum(tmask, axis=1).astype(jnp.int32)
     return Rollout(tokens=toks, mask=tmask, logprobs=logps, lengths=lengths, stopped=done, truncated=~done)
 

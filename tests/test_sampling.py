@@ -17,12 +17,14 @@ import torch
 from scipy import stats
 from tiny_hf import hf_logits, left_padded_batch, tiny_model, tiny_tokenizer
 
+from cme_jax import sampling
 from cme_jax.errors import CmeError
 from cme_jax.generate import generate_responses
 from cme_jax.models.logprobs import token_logprobs
 from cme_jax.models.sharding import batch_sharding, make_mesh, weight_shardings
 from cme_jax.sampling import (
     SamplingConfig,
+    cache_stages,
     decode_responses,
     draw,
     prepare_decode,
@@ -129,6 +131,39 @@ def test_logprobs_equal_full_forward_recompute(family, layout, tmp_path):
     assert (got[~np.asarray(ro.mask)] == 0).all() and (got[np.asarray(ro.mask)] < 0).all()
     # Sliding-window layers (gemma3_text, window 5) are exercised: prompt + response exceed the window.
     assert t.shape[1] > 2 * 5
+
+
+def test_cache_stages():
+    """Short responses decode against one cache; longer ones grow it in up to four equal stages."""
+    assert cache_stages(1) == [1] and cache_stages(40) == [40] and cache_stages(63) == [63]
+    assert cache_stages(70) == [35, 70]
+    assert cache_stages(128) == [32, 64, 96, 128]
+    assert cache_stages(1001) == [250, 500, 750, 1001]
+
+
+@LAYOUTS
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_growing_cache_equals_one_cache(family, layout, tmp_path, monkeypatch):
+    """70 new tokens decode in two cache stages: the same tokens and log-probs as one full-length cache, and
+    log-probs equal to a full forward over prompt + response. 51 rows take the CPU's row-major decode products."""
+    hf = tiny_model(family)
+    hf.save_pretrained(tmp_path)
+    m = load_model(str(tmp_path), tokenizer=False)
+    toks, mask = left_padded_batch(m.cfg.vocab_size, [9, 4, 12], 12, seed=3)
+    scfg = SamplingConfig(max_new_tokens=70, temperature=0.9, num_samples=17)
+    static = ("cfg", "scfg", "pad_id", "layout")
+    run = lambda: jax.jit(sampling.sample, static_argnames=static)(
+        m.weights, m.cfg, toks, mask, jax.random.key(2), scfg, NO_STOP, 0, layout
+    )
+    staged = run()
+    monkeypatch.setattr(sampling, "_CACHE_STAGES", 1)
+    single = run()
+    np.testing.assert_array_equal(np.asarray(staged.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(staged.logprobs), np.asarray(single.logprobs), atol=1e-5, rtol=0)
+    t, mk = _joined(toks, mask, staged, 17)
+    ref = token_logprobs(m.weights, m.cfg, jnp.asarray(t), jnp.asarray(mk), start=12, temperature=0.9)
+    np.testing.assert_allclose(np.asarray(staged.logprobs), np.asarray(ref), atol=1e-4, rtol=0)
+    assert np.asarray(staged.mask).all()
 
 
 def test_first_token_frequencies_match_softmax(tiny):
