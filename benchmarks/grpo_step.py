@@ -187,8 +187,6 @@ def child_trl(args) -> dict:
     )
     timer = Timer()
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    # Converted GGUF configs carry no `architectures`; TRL rebuilds its reference model from that field.
-    model.config.architectures = [type(model).__name__]
     trainer = GRPOTrainer(
         model=model, reward_funcs=cme, args=cfg, train_dataset=data, processing_class=tok, callbacks=[timer]
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,7 +87,10 @@ def test_token_stats_entropy_and_temperature(family):
 
 def test_export_round_trip_loads_in_transformers(family, tmp_path):
     _name, hf, m = family
-    out = save_hf_checkpoint(tmp_path / "export", m.weights, m.cfg, m.hf_config)
+    # Without `architectures` in the source config (as from GGUF metadata) the export still names the class.
+    source = {k: v for k, v in m.hf_config.items() if k != "architectures"}
+    out = save_hf_checkpoint(tmp_path / "export", m.weights, m.cfg, source)
+    assert json.loads((out / "config.json").read_text())["architectures"] == [type(hf).__name__]
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=4)
     got, want = hf_logits(back, toks, mask)[mask], hf_logits(hf, toks, mask)[mask]

@@ -212,6 +212,12 @@ def save_hf_checkpoint(
     config.pop("torch_dtype", None)
     config.pop("quantization_config", None)
     config["tie_word_embeddings"] = cfg.tie_embeddings
+    if not config.get("architectures"):  # configs built from GGUF metadata have none; tools that reload need it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        if arch:
+            config["architectures"] = [arch]
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
