@@ -200,7 +200,7 @@ def bench_grpo(cfg, prompts: int, group: int, prompt_len: int, new: int, peak: f
     moved = bool(np.abs(np.asarray(holder["state"].params.layers.w_down[0]) - before).max() > 0)
     return [
         [
-            f"fused GRPO step {prompts}x{group} rows x {new} new",
+            f"fused GRPO step {prompts}x{group} rows, prompt {prompt_len}, {new} new",
             f"{t_fused:.3f} s",
             f"{R * new / t_fused:,.0f}",
             f"finite={finite} moved={moved}",
@@ -215,6 +215,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a tiny model: check the script on a CPU")
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--skip", nargs="*", default=[], choices=["correctness", "forward", "decode", "grpo"])
+    p.add_argument(
+        "--grpo",
+        nargs="+",
+        default=["16x4x128x128"],
+        help="GRPO step shapes, prompts x samples x prompt length x new tokens",
+    )
     args = p.parse_args()
     cfg = model_config(args.quick)
     peak = peak_flops()
@@ -239,13 +245,11 @@ def main() -> None:
             [bench_forward(cfg, b, t, peak) for b, t in sizes],
         )
     if "grpo" not in args.skip:
-        # 64 rows x 256 new tokens runs out of memory on an 80 GB H100 (a 63 GiB allocation in the rollout
-        # program, under investigation); 64 x 128 and 32 x 256 run.
-        shape = (2, 2, 16, 8) if args.quick else (16, 4, 128, 128)
+        shapes = [(2, 2, 16, 8)] if args.quick else [tuple(map(int, s.split("x"))) for s in args.grpo]
         emit(
             "GRPO step (bf16 compute, f32 master weights, beta 0.04)",
             ["case", "time", "tokens/s", "notes"],
-            bench_grpo(cfg, *shape, peak),
+            [row for shape in shapes for row in bench_grpo(cfg, *shape, peak)],
         )
     if "decode" not in args.skip:
         from sampling import gpu_table

@@ -147,3 +147,22 @@ def test_no_full_vocabulary_float32_array_in_token_logprobs():
         big = [s for s in shapes if s and s[-1] == 4096 and np.prod(s) > budget]
         assert not big, f"arrays larger than one chunk: {big}"  # ... and nothing bigger
     assert chunk_length(B, T - 16, 4096, budget) == 8
+
+
+def test_gradient_does_not_keep_attention_scores_of_every_layer():
+    """XLA's memory plan for the gradient of a long-sequence log-likelihood stays below one [L, B, N, T, T] float32
+    stack: attention scores are recomputed layer by layer in the backward pass, not saved for every layer (saving
+    them plans about 2.5 stacks here)."""
+    from cme_jax.models.transformer import ModelConfig, init_weights
+
+    cfg = ModelConfig(
+        family="llama", vocab_size=64, dim=32, num_layers=16, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+    )
+    B, T = 2, 512
+    w = init_weights(cfg, jax.random.key(0))
+    toks = jnp.zeros((B, T), jnp.int32)
+    mask = jnp.ones((B, T), bool)
+    loss = lambda w: token_logprobs(w, cfg, toks, mask).sum()
+    temp = jax.jit(jax.grad(loss)).lower(w).compile().memory_analysis().temp_size_in_bytes
+    scores_stack = cfg.num_layers * B * cfg.num_heads * T * T * 4
+    assert temp < scores_stack, (temp, scores_stack)

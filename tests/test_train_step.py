@@ -51,7 +51,7 @@ def setup():
 
 def _rollout_batch(state, prompts, pmask, sc):
     stops = jnp.asarray([2], jnp.int32)
-    ro = rollout(state, prompts, pmask, stops, cfg=CFG, sc=sc, pad_id=0)
+    ro = jax.jit(lambda st, p, m: rollout(st, p, m, stops, cfg=CFG, sc=sc, pad_id=0))(state, prompts, pmask)
     rewards, _ = verifier_reward(None, ro, jnp.repeat(prompts, 4, 0), jnp.repeat(pmask, 4, 0), _rollout_batch.verifier)
     return join_rollout(prompts, pmask, ro, sc.group_size), rewards
 
@@ -69,7 +69,8 @@ def test_four_micro_batches_give_the_same_update_as_one_batch(setup):
     results = []
     for micro in (1, 4):
         sc = StepConfig(grpo=grpo, sampling=scfg, micro_batches=micro, num_iterations=2)
-        new, metrics = update(init_state(policy, opt, 0), batch, rewards, policy, cfg=CFG, sc=sc, optimizer=opt)
+        step = jax.jit(lambda st, b, r, ref, sc=sc: update(st, b, r, ref, cfg=CFG, sc=sc, optimizer=opt))
+        new, metrics = step(init_state(policy, opt, 0), batch, rewards, policy)
         results.append((new, metrics))
     (a, ma), (b, mb) = results
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -89,7 +90,7 @@ def test_non_finite_update_is_skipped_and_state_unchanged(setup):
     state = init_state(policy, opt, 0)
     batch, rewards = _rollout_batch(state, prompts, pmask, sc)
     bad = rewards.at[3].set(jnp.nan)  # one NaN reward poisons its group's advantages and the loss
-    new, metrics = update(state, batch, bad, None, cfg=CFG, sc=sc, optimizer=opt)
+    new, metrics = jax.jit(lambda st, b, r: update(st, b, r, None, cfg=CFG, sc=sc, optimizer=opt))(state, batch, bad)
     assert float(metrics["skipped_updates"]) == 1.0
     for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(policy)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
