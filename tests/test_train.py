@@ -208,7 +208,9 @@ def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float
     raise AssertionError("trainer made no progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+# SIGTERM (a preemption notice) is covered where it is handled: tests/test_checkpoint.py checkpoints on it and
+# resumes exactly; here the harder case, a kill at an arbitrary moment with a save in flight.
+@pytest.mark.parametrize("sig", [signal.SIGKILL], ids=["sigkill"])
 def test_killed_run_resumes_to_the_same_params(sig, straight_run, tmp_path):
     cfg, ref = straight_run
     run_dir = tmp_path / "run"
