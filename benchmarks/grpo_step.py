@@ -1,12 +1,14 @@
 """Seconds per GRPO step on the embedded pair: cme_jax beside TRL's GRPOTrainer, same models and settings.
 
-    python benchmarks/grpo_step.py [--prompts 4] [--samples 4] [--new-tokens 64] [--steps 3]
+    python benchmarks/grpo_step.py [--prompts 4] [--samples 4] [--new-tokens 64] [--steps 3] [--micro-batches 1]
 
 Policy SmolLM2-135M-Instruct (chat template), verifier Gemma-3-270M (plain "Question/Answer" template,
 re-tokenised from text), beta 0.04 with the initial policy as reference, every completion exactly
 --new-tokens long on both sides (no early stop) so both do the same work. Each side runs in its own child
-process. The table splits cme_jax's step into sample / score / update and prints the step's minimum FLOPs
-over this machine's measured matmul rate: the floor no implementation beats.
+process. --micro-batches splits the policy gradient into that many passes on both sides (cme_jax's `micro_batches`,
+TRL's gradient accumulation over the same generation batch). The table splits cme_jax's step into sample / score /
+update and prints the step's minimum FLOPs over this machine's measured matmul rate: the floor no implementation
+beats.
 
 On a GPU, `benchmarks/gpu.py` times the fused step of a random-weight Qwen2.5-0.5B-sized policy with a
 same-vocabulary verifier and reports the update's model-FLOPs utilisation.
@@ -73,6 +75,7 @@ def child_jax(args) -> dict:
     sc = StepConfig(
         grpo=GRPOConfig(beta=0.04),
         sampling=SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=args.samples),
+        micro_batches=args.micro_batches,
     )
     opt = make_optimizer(OptimConfig(learning_rate=1e-6), 100)
     fns = build_step(policy.cfg, sc, opt, pad_id=pad_id(policy.tokenizer))
@@ -170,7 +173,8 @@ def child_trl(args) -> dict:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts] * (args.steps + 1))
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=args.prompts * args.samples,
+        per_device_train_batch_size=args.prompts * args.samples // args.micro_batches,
+        gradient_accumulation_steps=args.micro_batches,
         num_generations=args.samples,
         max_completion_length=args.new_tokens,
         generation_kwargs={"min_new_tokens": args.new_tokens},
@@ -200,9 +204,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--micro-batches", type=int, default=1, help="gradient passes per update, on both sides")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--child", choices=["jax", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if (args.prompts * args.samples) % args.micro_batches:
+        p.error(f"--micro-batches {args.micro_batches} must divide the {args.prompts * args.samples} completions")
     if args.child:
         print(json.dumps(child_jax(args) if args.child == "jax" else child_trl(args)))
         return
@@ -216,6 +223,8 @@ def main() -> None:
         str(args.new_tokens),
         "--steps",
         str(args.steps),
+        "--micro-batches",
+        str(args.micro_batches),
     ]
     j = run_child(__file__, [*common, "--child", "jax"])
     t = None if args.skip_trl else run_child(__file__, [*common, "--child", "trl"])
@@ -234,7 +243,10 @@ def main() -> None:
     if t is not None:
         rows.insert(1, ["TRL GRPOTrainer", f"{t['step']:.1f}", "", "", ""])
     n = args.prompts * args.samples
-    print(f"\nGRPO step, {n} completions x {args.new_tokens} tokens, beta 0.04; matmul peak {peak:,.1f} GFLOP/s\n")
+    print(
+        f"\nGRPO step, {n} completions x {args.new_tokens} tokens, beta 0.04, {args.micro_batches} micro-batches; "
+        f"matmul peak {peak:,.1f} GFLOP/s\n"
+    )
     print(table(["implementation", "s/step", "sample", "score", "update"], rows))
     if t is not None:
         print(f"\ncme_jax is {t['step'] / ours:.2f}x faster than TRL; {ours / sum(floor.values()):.2f}x the FLOP floor")

@@ -259,11 +259,14 @@ def update(
         loss = loss_sum / denom
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite update leaves params and optimizer state exactly as they were.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+
+        def apply(params, opt_state):
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # A non-finite update leaves params and optimizer state exactly as they were. A branch rather than a
+        # select, so a normal step does not read and rewrite every parameter and moment a second time.
+        params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, opt_state)
         f = finite.astype(jnp.float32)
         step_metrics: Metrics = {
             **met,
