@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -48,10 +49,10 @@ import jax
 import numpy as np
 
 from cme_jax.errors import CmeError, cli_main
-from cme_jax.judging import bootstrap_ci
+from cme_jax.judging import JudgmentCache, bootstrap_ci
 from cme_jax.rewards import RewardConfig, zscore_groups
 from cme_jax.rewrites import REWRITES, apply_rewrite
-from cme_jax.scoring import Verifier, VerifierConfig, check_finite, load_verifier, score_texts
+from cme_jax.scoring import Verifier, VerifierConfig, VerifierScores, check_finite, load_verifier, score_texts
 from cme_jax.tokens import DEFAULT_PLAIN_TEMPLATE
 
 Form = Literal["plain", "contrastive"]
@@ -281,17 +282,57 @@ def make_rewrites(pairs: Sequence[PreferencePair], kinds: Sequence[str] = KINDS,
     return out
 
 
+def _score_key(verifier: Verifier, prompt: str, text: str, stopped: bool) -> str:
+    """Cache key of one scored row: everything in the verifier's config that changes its scores, and the row."""
+    vc = verifier.config
+    ident = {k: getattr(vc, k) for k in ("model", "context", "template", "max_length", "score_eos", "dtype")}
+    blob = json.dumps({"verifier": ident, "prompt": prompt, "text": text, "stopped": stopped}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def _score_unique(
-    verifier: Verifier, prompts: Sequence[str], texts: Sequence[str], **kw: Any
-) -> tuple[Any, np.ndarray]:
-    """score_texts over the distinct (prompt, text) rows, and each row's index into its result."""
-    keys = list(zip(prompts, texts))
-    index: dict[tuple[str, str], int] = {}
+    verifier: Verifier,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    stopped: Sequence[bool],
+    *,
+    cache: JudgmentCache | None = None,
+    **kw: Any,
+) -> tuple[VerifierScores, np.ndarray]:
+    """score_texts over the distinct (prompt, text, stopped) rows not in `cache`, and each row's index into the result.
+
+    The plain verifier is scored (a contrastive form is built by the caller), so cached rows serve both forms.
+    """
+    keys = list(zip(prompts, texts, stopped))
+    index: dict[tuple[str, str, bool], int] = {}
     for k in keys:
         index.setdefault(k, len(index))
     uniq = list(index)
-    s = score_texts(verifier, [k[0] for k in uniq], [k[1] for k in uniq], **kw)
-    return s, np.array([index[k] for k in keys], np.int64)
+    n = len(uniq)
+    out = VerifierScores(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, bool))
+    hashes = [_score_key(verifier, *k) if cache is not None else "" for k in uniq]
+    todo = []
+    for i, h in enumerate(hashes):
+        hit = cache.get(h) if cache is not None else None
+        if hit is None:
+            todo.append(i)
+            continue
+        out.mean[i], out.count[i], out.empty[i], out.truncated[i] = json.loads(hit)
+    if todo:
+        s = score_texts(
+            verifier, [uniq[i][0] for i in todo], [uniq[i][1] for i in todo], [uniq[i][2] for i in todo], **kw
+        )
+        for j, i in enumerate(todo):
+            out.mean[i], out.count[i], out.empty[i], out.truncated[i] = (
+                s.mean[j],
+                s.count[j],
+                s.empty[j],
+                s.truncated[j],
+            )
+            if cache is not None:
+                row = [float(s.mean[j]), int(s.count[j]), bool(s.empty[j]), bool(s.truncated[j])]
+                cache.put(hashes[i], verifier.config.model, json.dumps(row))
+    return out, np.array([index[k] for k in keys], np.int64)
 
 
 def plain_verifier(verifier: Verifier) -> Verifier:
@@ -306,37 +347,43 @@ def score_forms(
     prompts: Sequence[str],
     texts: Sequence[str],
     *,
+    stopped: Sequence[bool] | None = None,
     batch_size: int | None = 16,
     mesh: Any = None,
     progress: bool = False,
+    allow_empty: bool = False,
+    cache: JudgmentCache | None = None,
 ) -> dict[str, np.ndarray]:
-    """Plain and contrastive CME of each (prompt, text) row, the scored token count and the max_length cut.
+    """Plain and contrastive CME of each (prompt, text) row, the scored token count, the max_length cut, empties.
 
     Both forms come from `score_texts` of the plain verifier: once after each prompt's context and once after
-    the empty prompt's context (what `score_texts` subtracts for a contrastive verifier), over distinct rows.
+    the empty prompt's context (what `score_texts` subtracts for a contrastive verifier), over distinct rows
+    (and only those missing from `cache`). Empty texts raise unless `allow_empty`; their scores are then 0.
     """
     from tqdm import tqdm
 
     plain = plain_verifier(verifier)
     name = verifier.name
-    kw: dict[str, Any] = {"batch_size": batch_size, "mesh": mesh}
+    stopped = [True] * len(texts) if stopped is None else [bool(x) for x in stopped]
+    kw: dict[str, Any] = {"batch_size": batch_size, "mesh": mesh, "cache": cache}
     passes = (("plain", prompts), ("empty prompt", [""] * len(texts)))
     means = {}
     for label, ps in passes:
-        keys = set(zip(ps, texts))
+        keys = set(zip(ps, texts, stopped))
         with tqdm(total=len(keys), desc=f"{name} ({label})", unit="text", file=sys.stderr, disable=not progress) as bar:
-            s, idx = _score_unique(plain, ps, texts, progress=bar, **kw)
-        if s.empty.any():
+            s, idx = _score_unique(plain, ps, texts, stopped, progress=bar, **kw)
+        if s.empty.any() and not allow_empty:
             raise CmeError(f"verifier {name!r}: a text has no tokens to score; drop empty responses from the pairs")
-        check_finite(s.mean, np.ones_like(s.empty), f"verifier {name!r}")
-        means[label] = s.mean[idx].astype(np.float64)
+        check_finite(s.mean, ~s.empty, f"verifier {name!r}")
+        means[label] = np.where(s.empty, 0.0, s.mean)[idx].astype(np.float64)
         if label == "plain":
-            count, truncated = s.count[idx], s.truncated[idx]
+            count, truncated, empty = s.count[idx], s.truncated[idx], s.empty[idx]
     return {
         "plain": means["plain"],
         "contrastive": means["plain"] - means["empty prompt"],
         "count": count,
         "truncated": truncated,
+        "empty": empty,
     }
 
 

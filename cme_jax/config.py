@@ -22,6 +22,7 @@ from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import VerifierConfig
 from cme_jax.tokens import DEFAULT_PLAIN_TEMPLATE, PromptFormat
 from cme_jax.train_step import OptimConfig
+from cme_jax.watchdog import WatchConfig
 
 DtypeName = Literal["auto", "float32", "bfloat16"]
 ResumeMode = Literal["auto", "never", "require"]
@@ -64,11 +65,23 @@ class TrainSection:
     # bucket: each batch padded to a length bucket (a few compilations, least padding); max: every batch
     # padded to the longest training prompt's bucket (one compilation: best for short runs and CPUs).
     prompt_padding: PromptPadding = "bucket"
+    # End the run cleanly (with a final checkpoint) when a watchdog signal fires; the checkpoint saved before
+    # the warning is kept as the last good policy.
+    stop_on_hacking: bool = False
+    # Every N steps (and before the first and after the last), greedy responses to the first heldout_prompts
+    # held-out prompts are scored with the training reward and their KL to the reference: RUN_DIR/heldout.jsonl.
+    heldout_every: int = 0
+    heldout_prompts: int = 8
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "num_iterations", "minibatches", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.heldout_every < 0 or self.heldout_prompts < 1:
+            raise ValueError(
+                f"train.heldout_every={self.heldout_every} must be >= 0 (0 = off) and train.heldout_prompts="
+                f"{self.heldout_prompts} >= 1"
+            )
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
 
@@ -119,6 +132,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    watch: WatchConfig = dataclasses.field(default_factory=WatchConfig)
     audit_at_start: bool = False  # audit the verifiers on the shipped preference pairs before training
     audit_pairs: int = 12  # pairs the start-up audit scores (each adds one scoring pass per rewrite kind)
 
@@ -147,6 +161,15 @@ class TrainConfig:
         uses_cme = any(term.name == "cme" for term in self.reward.terms)
         if uses_cme and not self.reward.verifiers:
             raise ValueError("reward.terms uses 'cme' but reward.verifiers is empty; add at least one verifier")
+        if t.heldout_every and self.data.heldout_fraction == 0:
+            raise ValueError("train.heldout_every needs held-out prompts: set data.heldout_fraction > 0 (e.g. 0.05)")
+        if t.stop_on_hacking and not self.watch.enabled:
+            raise ValueError("train.stop_on_hacking needs the watchdog: set watch.enabled=true")
+        if t.stop_on_hacking and self.checkpoint.keep < 2:
+            raise ValueError(
+                f"train.stop_on_hacking needs checkpoint.keep >= 2 (got {self.checkpoint.keep}) so the checkpoint "
+                "saved before the warning survives the final save"
+            )
         if self.audit_pairs < 1:
             raise ValueError(f"audit_pairs={self.audit_pairs} must be >= 1")
         if self.data.max_prompt_tokens + s.max_new_tokens > 1 << 20:

@@ -21,15 +21,27 @@ tatsu-lab/alpaca_eval, or read from the local Hugging Face cache), any source `c
 dataset). `--heldout-fraction F` keeps only the prompts a training run with `data.heldout_fraction: F`
 held out. Generation is greedy unless `--temperature` is set.
 
-Judges: `--judge-model SPEC` runs any model cme_jax loads locally (its chat template, greedy), or
-`--judge-url URL --judge-name MODEL` calls an OpenAI-compatible chat completions endpoint, with the API
-key read from the environment variable `--judge-key-env` names (default OPENAI_API_KEY). Verdicts, the
-both-orders protocol and the cache are those of `cme_jax.judging`.
+Judges: `--judge-model SPEC` runs any model cme_jax loads locally (its chat template, else a plain
+transcript), or `--judge-url URL --judge-name MODEL` calls an OpenAI-compatible chat completions endpoint,
+with the API key read from the environment variable `--judge-key-env` names (default OPENAI_API_KEY).
+Verdicts, the both-orders protocol and the cache are those of `cme_jax.judging`. A local judge's
+`--judge-verdict` is `generate` (default: it writes a reply greedily and the verdict is parsed from it) or
+`likelihood` (no generation: it is asked for the verdict only, its reply is prefilled with "[[" and the
+verdict is whichever of A and B has the higher next-token log-prob; it never leaves a verdict unparsed, and
+the reply kept in judgments.jsonl reads `[[A]] (log p A=-0.31, B=-1.42)`). Small local judges often cannot
+write a parseable verdict: when more than half of the first 8 pairs stay unparsed, the run stops with one
+line instead of spending the whole budget. `--judge-audit N` first scores the judge itself on the first N
+of the 48 shipped preference pairs (`cme_jax/data/preference_pairs.jsonl`), both orders, same cache: its
+accuracy (how often it prefers the better answer) with a 95% interval, per-order accuracy and position
+consistency go into results.json (`judge_audit`) and beside the win rate in report.md, since a win rate
+means little from a judge near 50%. `--no-judge` skips judging: generation and the automatic metrics only,
+no win rate.
 
 Everything lands in OUT: `model/model_outputs.json` and `baseline/model_outputs.json` (AlpacaEval's
 format, so `alpaca_eval --model_outputs OUT/model/model_outputs.json --reference_outputs
 OUT/baseline/model_outputs.json` works on them too), `judge_cache.jsonl`, `judgments.jsonl`,
-`results.json`, `report.md`, `report.png` and, with `--verifier`, `automatic.jsonl` (per-prompt CME).
+`results.json`, `report.md`, `report.png` and, with `--verifier`, `automatic.jsonl` (per-prompt CME);
+`--no-judge` writes no `judgments.jsonl` or `report.png`.
 Each side's `generation.json` records what produced its outputs; a rerun reuses outputs whose record
 matches (unless `--regenerate`) and every cached judgment, so an interrupted evaluation resumes where it
 stopped without generating or paying for a judgment twice. Progress goes to stderr.
@@ -50,34 +62,39 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cme_jax.audit import FORMS, score_forms
 from cme_jax.checkpoint import CheckpointManager, checkpoint_dir
 from cme_jax.errors import CmeError, cli_main
 from cme_jax.generate import generate_responses
 from cme_jax.judging import (
+    EARLY_STOP_PAIRS,
     FunctionJudge,
     Judge,
     JudgmentCache,
     Message,
     OpenAIJudge,
     PairItem,
+    UnusableJudgeError,
+    audit_sentence,
+    bootstrap_ci,
+    judge_audit,
     read_model_outputs,
+    render_pairwise,
     run_pairwise,
     summarize_records,
     write_model_outputs,
     write_results,
 )
-from cme_jax.metrics import distinct_n
+from cme_jax.metrics import distinct_n, repetition_rate
 from cme_jax.prompts import clean_prompt, heldout_score, prompt_key, read_prompt_texts
 from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import (
     Verifier,
     VerifierConfig,
     VerifierDtype,
-    check_finite,
     default_verifier_name,
     load_verifier,
     resolve_dtype,
-    score_texts,
 )
 from cme_jax.sources import LoadedModel, load_model
 from cme_jax.tokens import DEFAULT_PLAIN_TEMPLATE, PromptFormat, format_prompt, has_chat_template
@@ -452,18 +469,226 @@ def chat_replies(
     return [samples[0]["response"].strip() for samples in out[: len(texts)]]
 
 
+VerdictMode = Literal["generate", "likelihood"]
+VERDICT_MODES: tuple[VerdictMode, ...] = ("generate", "likelihood")
+# The likelihood verdict: the judge's assistant turn is prefilled with this, and the verdict is whichever
+# letter is the likelier next token.
+VERDICT_PREFILL = "[["
+VERDICT_LETTERS = ("A", "B")
+
+
+def verdict_prompt(tokenizer: Any, messages: Sequence[Message], prefill: str = VERDICT_PREFILL) -> str:
+    """The conversation as the judge continues it (`render_conversation`), its reply prefilled with `prefill`.
+
+    A chat template's generation prompt opens the assistant turn, so the prefill follows it directly; the
+    plain transcript of a model without a template ends in "Assistant:", so a space comes first.
+    """
+    text = render_conversation(tokenizer, messages)
+    return text + (prefill if has_chat_template(tokenizer) else " " + prefill)
+
+
+def _next_token_logprobs(weights: Any, cfg: Any, tokens_BxT: Any, mask_BxT: Any, ids_BxK: Any) -> Any:
+    """log p(ids[b, k]) as the token after each left-padded row: float32 [B, K]; the head runs at one position."""
+    import jax
+
+    from cme_jax.models.transformer import default_positions, forward_hidden, logits_from_hidden
+
+    h, _ = forward_hidden(weights, cfg, tokens_BxT, default_positions(mask_BxT), mask_BxT)
+    logits_BxV = logits_from_hidden(weights, cfg, h[:, -1:])[:, 0]
+    logp_BxV = logits_BxV - jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    return jax.numpy.take_along_axis(logp_BxV, ids_BxK, axis=1)
+
+
+def _tail_logprob_sums(weights: Any, cfg: Any, tokens_BxT: Any, mask_BxT: Any, tail_BxM: Any) -> Any:
+    """Summed log-probs of the tokens in the last M columns where `tail` is True: float32 [B]."""
+    from cme_jax.models.logprobs import hidden_token_stats
+    from cme_jax.models.transformer import default_positions, forward_hidden
+
+    T, M = tokens_BxT.shape[1], tail_BxM.shape[1]
+    h, _ = forward_hidden(weights, cfg, tokens_BxT, default_positions(mask_BxT), mask_BxT)
+    logp = hidden_token_stats(weights, cfg, h[:, T - M - 1 : T - 1], tokens_BxT[:, T - M :])["logp"]
+    return (logp * tail_BxM).sum(axis=1)
+
+
+_VERDICT_JITS: dict[str, Any] = {}
+
+
+def _verdict_jit(name: str) -> Any:
+    """The jitted forms of the two functions above, built once (jax imports lazily in this module)."""
+    if name not in _VERDICT_JITS:
+        import jax
+
+        fn = {"next": _next_token_logprobs, "tail": _tail_logprob_sums}[name]
+        _VERDICT_JITS[name] = jax.jit(fn, static_argnames=("cfg",))
+    return _VERDICT_JITS[name]
+
+
+def _batched_rows(rows: Sequence[Sequence[int]], batch_size: int) -> list[tuple[list[int], list[list[int]]]]:
+    """(row indices, rows padded with repeats to batch_size) per batch, rows sorted by length first."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = []
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        batch = [list(rows[i]) for i in idx]
+        out.append((idx, batch + [batch[-1]] * (batch_size - len(batch))))
+    return out
+
+
+def continuation_logprobs(
+    model: LoadedModel, texts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8
+) -> np.ndarray:
+    """Summed log-prob of each continuation's tokens after each text, float64 [len(texts), len(continuations)].
+
+    Each text + continuation is encoded whole (as the sampler encodes a plain prompt); the continuation's
+    tokens are those after the longest prefix the encodings of all continuations share, so every
+    continuation of a text is scored after the same context even when a letter merges with the text's
+    last characters. One row per (text, continuation); left-padded batches of `batch_size` rows.
+    """
+    if batch_size < 1:
+        raise CmeError(f"batch size must be >= 1, got {batch_size}")
+    from cme_jax.tokens import bucket_length, left_pad, pad_id
+
+    tok, K = model.tokenizer, len(continuations)
+    rows: list[list[int]] = []
+    tails: list[int] = []
+    for i, text in enumerate(texts):
+        seqs = [list(tok(text + c)["input_ids"]) for c in continuations]
+        common = _common_prefix(seqs)
+        _check_fits(model, i, max(len(q) for q in seqs))
+        if common == 0 or any(len(q) == common for q in seqs):
+            raise CmeError(f"judge conversation {i}: the continuations {list(continuations)} share no context")
+        rows += seqs
+        tails += [len(q) - common for q in seqs]
+    out = np.zeros(len(rows), np.float64)
+    fn = _verdict_jit("tail")
+    for idx, batch in _batched_rows(rows, batch_size):
+        T = bucket_length(max(len(r) for r in batch))
+        tail_len = [tails[i] for i in idx] + [tails[idx[-1]]] * (batch_size - len(idx))
+        M = min(bucket_length(max(tail_len), minimum=4), T - 1)
+        toks, mask = left_pad(batch, T, pad_id(tok))
+        tail = np.arange(M)[None, :] >= (M - np.asarray(tail_len))[:, None]
+        sums = np.asarray(fn(model.weights, model.cfg, toks, mask, tail))
+        out[idx] = sums[: len(idx)]
+    return out.reshape(len(texts), K)
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(q) for q in seqs)
+    for j in range(n):
+        if len({q[j] for q in seqs}) > 1:
+            return j
+    return n
+
+
+def _check_fits(model: LoadedModel, i: int, n: int) -> None:
+    if n > model.cfg.max_position:
+        raise CmeError(
+            f"judge conversation {i} has {n} tokens, more than {model.spec}'s {model.cfg.max_position}-token "
+            "context; use a judge with a longer context or shorter outputs"
+        )
+
+
+def verdict_logprobs(
+    model: LoadedModel,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    letters: Sequence[str] = VERDICT_LETTERS,
+    prefill: str = VERDICT_PREFILL,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """log p of each letter as the judge's next token after its reply is prefilled: float64 [N, len(letters)].
+
+    Each conversation is rendered with `verdict_prompt`. When every letter is one token after a context all
+    letters share (true for SmolLM2's and Gemma 3's tokenizers after "[["), one forward per conversation
+    gives all letters, the vocabulary head running at the last position only; left-padded batches are padded
+    with repeats to `batch_size` rows, so there is one compilation per length bucket. Conversations where a
+    letter is several tokens fall back to `continuation_logprobs` (summed log-prob of each letter's tokens).
+    """
+    if batch_size < 1:
+        raise CmeError(f"batch size must be >= 1, got {batch_size}")
+    from cme_jax.tokens import bucket_length, left_pad, pad_id
+
+    tok = model.tokenizer
+    texts = [verdict_prompt(tok, conv, prefill) for conv in conversations]
+    out = np.zeros((len(texts), len(letters)), np.float64)
+    fast: list[int] = []
+    contexts: list[list[int]] = []
+    letter_ids: list[list[int]] = []
+    slow: list[int] = []
+    for i, text in enumerate(texts):
+        seqs = [list(tok(text + letter)["input_ids"]) for letter in letters]
+        common = _common_prefix(seqs)
+        if common > 0 and all(len(q) == common + 1 for q in seqs):
+            _check_fits(model, i, common + 1)
+            fast.append(i)
+            contexts.append(seqs[0][:common])
+            letter_ids.append([q[common] for q in seqs])
+        else:
+            slow.append(i)
+    fn = _verdict_jit("next")
+    for idx, batch in _batched_rows(contexts, batch_size):
+        toks, mask = left_pad(batch, bucket_length(max(len(r) for r in batch)), pad_id(tok))
+        ids = np.asarray([letter_ids[j] for j in idx] + [letter_ids[idx[-1]]] * (batch_size - len(idx)), np.int32)
+        logp = np.asarray(fn(model.weights, model.cfg, toks, mask, ids))
+        out[[fast[j] for j in idx]] = logp[: len(idx)]
+    if slow:
+        out[slow] = continuation_logprobs(model, [texts[i] for i in slow], letters, batch_size=batch_size)
+    return out
+
+
+def likelihood_reply(logp: Sequence[float], letters: Sequence[str] = VERDICT_LETTERS, bias: float = 0.0) -> str:
+    """The reply text of a likelihood verdict, e.g. `[[A]] (log p A=-0.3100, B=-1.4200)`; the first of equals wins.
+
+    With two letters and a `bias`, the first letter wins only when log p(first) - log p(second) > bias (a
+    judge's calibrated position preference, see `likelihood_bias`); the bias is part of the reply.
+    """
+    logp = np.asarray(logp, np.float64)
+    if len(letters) == 2 and bias:
+        best = 0 if logp[0] - logp[1] > bias else 1
+    else:
+        best = int(np.argmax(logp))
+    numbers = ", ".join(f"{letter}={lp:.4f}" for letter, lp in zip(letters, logp))
+    return f"[[{letters[best]}]] (log p {numbers}" + (f"; bias {bias:.4f})" if bias else ")")
+
+
+def likelihood_bias(model: LoadedModel, pairs: Sequence[Any], *, batch_size: int = 8) -> float:
+    """A likelihood judge's position preference, estimated without labels: the median of log p(A) - log p(B)
+    over the verdict-only conversations of every pair in both orders.
+
+    Each pair is shown both ways, so a judge without position preference has a median near 0; subtracting the
+    median makes half of these verdicts A and half B. Small judges prefer the first answer so strongly that an
+    uncalibrated likelihood judge answers A to everything.
+    """
+    conversations = [
+        render_pairwise(p.prompt, a, b, verdict_only=True)
+        for p in pairs
+        for a, b in ((p.chosen, p.rejected), (p.rejected, p.chosen))
+    ]
+    logp = verdict_logprobs(model, conversations, batch_size=batch_size)
+    return float(np.median(logp[:, 0] - logp[:, 1]))
+
+
 def local_judge(
     model: LoadedModel | str,
     *,
+    verdict: VerdictMode = "generate",
     max_new_tokens: int = 256,
     batch_size: int = 8,
     dtype: VerifierDtype = "auto",
     progress: bool = False,
+    bias: float = 0.0,
 ) -> FunctionJudge:
-    """A judge run in JAX by any model cme_jax loads (a spec, `RUN_DIR[@STEP]`, or a loaded model), greedy.
+    """A judge run in JAX by any model cme_jax loads (a spec, `RUN_DIR[@STEP]`, or a loaded model).
 
+    `verdict="generate"`: the judge writes its reply greedily (up to `max_new_tokens`) and the verdict is
+    parsed from it. `verdict="likelihood"`: the judge is asked for the verdict only, its reply is prefilled
+    with "[[" and the verdict is whichever of A and B is the likelier next token (`verdict_logprobs`); the
+    reply text is `likelihood_reply`'s, so it always parses and judgments.jsonl keeps both log-probs; `bias`
+    (from `likelihood_bias`) is subtracted from log p(A) - log p(B) to remove the judge's position preference.
     A spec is loaded on the first judging call, so a fully cached evaluation never loads it.
     """
+    if verdict not in VERDICT_MODES:
+        raise CmeError(f"judge verdict {verdict!r} is not one of {', '.join(VERDICT_MODES)}")
     if max_new_tokens < 1 or batch_size < 1:
         raise CmeError("the judge's max new tokens and batch size must be >= 1")
     if isinstance(model, str):
@@ -479,6 +704,17 @@ def local_judge(
 
         def get() -> LoadedModel:
             return loaded
+
+    if verdict == "likelihood":
+
+        def likelihood(conversations: Sequence[list[Message]]) -> list[str]:
+            logp = verdict_logprobs(get(), conversations, batch_size=batch_size)
+            return [likelihood_reply(row, bias=bias) for row in logp]
+
+        judge_id = f"cme_jax-local|{source}|likelihood|prefill={VERDICT_PREFILL}|letters={','.join(VERDICT_LETTERS)}"
+        if bias:
+            judge_id += f"|bias={bias:.6f}"
+        return FunctionJudge(likelihood, judge_id=judge_id, batch_size=batch_size, verdict_only=True)
 
     def fn(conversations: Sequence[list[Message]]) -> list[str]:
         return chat_replies(get(), conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -497,6 +733,10 @@ class _ProgressJudge:
     @property
     def judge_id(self) -> str:
         return self.inner.judge_id
+
+    @property
+    def verdict_only(self) -> bool:
+        return bool(getattr(self.inner, "verdict_only", False))
 
     def judge(
         self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
@@ -648,7 +888,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def side_text_metrics(side: SideOutputs) -> dict[str, Any]:
-    """Distinct-2 (whitespace words, comparable across tokenizers), mean lengths and the stop rate."""
+    """Distinct-2 (whitespace words, comparable across tokenizers), mean lengths, stop and repetition rates."""
     outs = side.outputs
     return {
         "distinct_2": distinct_n(outs, 2),
@@ -656,8 +896,131 @@ def side_text_metrics(side: SideOutputs) -> dict[str, Any]:
         "mean_length_words": _mean([len(o.split()) for o in outs]),
         "mean_length_tokens": _mean(side.num_tokens) if side.num_tokens is not None else None,
         "stopped_rate": _mean([float(s) for s in side.stopped]) if side.stopped is not None else None,
+        "truncated_rate": _mean([1.0 - s for s in side.stopped]) if side.stopped is not None else None,
+        f"repetition_{REPETITION_N}": _mean([repetition_rate(o, REPETITION_N) for o in outs]),
         "empty": sum(not o for o in outs),
     }
+
+
+# n of the word n-gram repetition rate reported per output (the trainer's guard counts policy-token 4-grams).
+REPETITION_N = 4
+
+
+def output_metrics(side: SideOutputs) -> dict[str, np.ndarray]:
+    """Per-output statistics as float64 [n], NaN where unknown (the source of every paired interval).
+
+    Lengths; `truncated` (1 when generation hit the token limit); the word 4-gram repetition rate; distinct-2
+    inside the output (whitespace words, comparable across tokenizers; NaN below two words).
+    """
+    outs = side.outputs
+    unknown = np.full(len(outs), np.nan)
+    per = lambda fn: np.array([fn(o) for o in outs], np.float64)
+    return {
+        "length_tokens": unknown if side.num_tokens is None else np.asarray(side.num_tokens, np.float64),
+        "length_words": per(lambda o: len(o.split())),
+        "truncated": unknown if side.stopped is None else 1.0 - np.asarray(side.stopped, np.float64),
+        f"repetition_{REPETITION_N}": per(lambda o: repetition_rate(o, REPETITION_N)),
+        "distinct_2": per(lambda o: distinct_n([o], 2) if len(o.split()) >= 2 else np.nan),
+    }
+
+
+def interval(x: np.ndarray, *, seed: int = 0, n_boot: int = 2000) -> dict[str, float | int | None]:
+    """Mean of the finite values with a percentile-bootstrap 95% interval over them."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    ci = bootstrap_ci(x, seed=seed, n_boot=n_boot)
+    return {
+        "mean": float(x.mean()) if x.size else None,
+        "ci95_low": ci[0] if ci else None,
+        "ci95_high": ci[1] if ci else None,
+        "n": int(x.size),
+    }
+
+
+def paired_interval(model_x: np.ndarray, base_x: np.ndarray, *, seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """Both sides' means and their per-prompt difference (model - baseline), each with a bootstrap 95% interval.
+
+    Only prompts where both values are known count; one seed means every interval resamples the same prompts.
+    """
+    model_x, base_x = np.asarray(model_x, np.float64), np.asarray(base_x, np.float64)
+    both = np.isfinite(model_x) & np.isfinite(base_x)
+    m, b = model_x[both], base_x[both]
+    kw = dict(seed=seed, n_boot=n_boot)
+    return {"model": interval(m, **kw), "baseline": interval(b, **kw), "difference": interval(m - b, **kw)}
+
+
+def token_metrics(
+    policy: Policy,
+    model: LoadedModel,
+    reference: LoadedModel | None,
+    instructions: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
+    """Per output: the model's mean token entropy over it and, with a reference, the mean exact KL(model || ref).
+
+    The output is re-read as text after the prompt in `policy`'s format (its chat template or plain template),
+    with the model's tokenizer; the KL at each position is over the whole vocabulary, so its mean over sampled
+    outputs estimates the per-token KL of the policy from its reference. Empty outputs give NaN.
+    """
+    from cme_jax.models.logprobs import token_kl_jit
+    from cme_jax.scoring import pack_rows, same_tokenizer
+    from cme_jax.tokens import encode_prompts, pad_id
+
+    tok = model.tokenizer
+    same_arch = reference is None or dataclasses.replace(reference.cfg, remat=model.cfg.remat) == model.cfg
+    if reference is not None and not (same_arch and same_tokenizer(tok, reference.tokenizer)):
+        raise CmeError(
+            f"KL reference {reference.spec} must share {model.spec}'s architecture and tokenizer (its base model)"
+        )
+    contexts = encode_prompts(tok, instructions, policy.fmt, policy.template, policy.system_prompt)
+    responses = [list(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs]
+    n = len(outputs)
+    out = {"entropy": np.full(n, np.nan)}
+    if reference is not None:
+        out["kl"] = np.full(n, np.nan)
+    keep = [i for i in range(n) if responses[i]]
+    size = max(1, min(batch_size, len(keep) or 1))
+    ref_weights = None if reference is None else reference.weights
+    for lo in range(0, len(keep), size):
+        idx = keep[lo : lo + size]
+        tokens, mask, start = pack_rows([contexts[i] for i in idx], [responses[i] for i in idx], pad_id(tok), rows=size)
+        stats = token_kl_jit(model.weights, ref_weights, model.cfg, tokens, mask, start=start)
+        count = mask[:, start:].sum(axis=1)
+        for key, v in stats.items():
+            means = np.asarray(v, np.float64).sum(axis=1) / np.maximum(count, 1)
+            out[key][idx] = means[: len(idx)]
+    return out
+
+
+def side_token_metrics(
+    model: Policy,
+    baseline: Policy,
+    reference: LoadedModel | str,
+    prompts: Sequence[EvalPrompt],
+    sides: Mapping[Side, SideOutputs],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[Side, dict[str, np.ndarray]]:
+    """`token_metrics` of each side: the model's entropy and KL to `reference` on its outputs (when it is a
+    model), and the reference's entropy on the baseline's outputs (its own entropy when it is the baseline)."""
+    if isinstance(reference, str):
+        reference = _model_source(reference, "auto")[1]()
+    instructions = [p.instruction for p in prompts]
+    out: dict[Side, dict[str, np.ndarray]] = {}
+    if model.fixed_outputs is None:
+        _say(progress, f"{model.name}: entropy and KL to {reference.spec} over its {len(prompts)} outputs")
+        out["model"] = token_metrics(
+            model, model.get_model(), reference, instructions, sides["model"].outputs, batch_size=batch_size
+        )
+        model.release()
+    _say(progress, f"{baseline.name}: entropy of {reference.spec} over its outputs")
+    out["baseline"] = token_metrics(
+        baseline, reference, None, instructions, sides["baseline"].outputs, batch_size=batch_size
+    )
+    return out
 
 
 def automatic_metrics(
@@ -667,51 +1030,93 @@ def automatic_metrics(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    tokens: Mapping[Side, Mapping[str, np.ndarray]] | None = None,
+    score_cache: JudgmentCache | None = None,
+    seed: int = 0,
+    n_boot: int = 2000,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """CME of both sides under each verifier (as `cme_jax.score` computes it), distinct-2 and lengths.
+    """CME of both sides under each verifier in both forms, text statistics, token metrics, paired intervals.
 
-    Returns the `automatic` section of results.json and per-prompt rows. `cme_<name>` is the mean over
-    non-empty outputs of the verifier's mean response log-prob; `cme` is the verifier-weighted sum;
-    `cme_win_rate` is the share of prompts (both outputs non-empty) where the model's `cme` is higher,
-    ties counting half. Configs are loaded one at a time and released after scoring.
+    Returns the `automatic` section of results.json and per-prompt rows. For each verifier, `cme_<name>` is
+    the mean over non-empty outputs of its configured form (what training with that verifier would reward),
+    `cme_<name>_plain` and `cme_<name>_contrastive` both forms (as `cme_jax.audit` scores them); `cme` is the
+    verifier-weighted sum of the configured forms; `cme_win_rate` is the share of prompts (both outputs
+    non-empty) where the model's `cme` is higher, ties counting half. `tokens` holds per-output token
+    metrics of each side (`token_metrics`: entropy, KL to a reference). `intervals` holds, per metric, both
+    sides' means and the model-minus-baseline difference with bootstrap 95% intervals over prompts (model-only
+    metrics such as the KL: the model's mean). Configs are loaded one at a time and released after scoring;
+    `score_cache` keeps scored rows so an unchanged side is not scored twice.
     """
     instructions = [p.instruction for p in prompts]
     n = len(prompts)
     summary: dict[str, Any] = {"verifiers": [], **{s: side_text_metrics(sides[s]) for s in SIDES}}
+    per: dict[Side, dict[str, np.ndarray]] = {s: output_metrics(sides[s]) for s in SIDES}
+    for side, values in (tokens or {}).items():
+        per[side].update({k: np.asarray(v, np.float64) for k, v in values.items()})
+        for k, v in values.items():
+            summary[side][k] = interval(v)["mean"]
     rows: list[dict[str, Any]] = [{"index": i, "instruction": ins} for i, ins in enumerate(instructions)]
-    if not verifiers:
-        return summary, rows
-    texts = sides["model"].outputs + sides["baseline"].outputs
-    stopped = [s for side in SIDES for s in (sides[side].stopped if sides[side].stopped is not None else [True] * n)]
-    total = np.zeros(2 * n, np.float64)
-    empty = np.array([not t for t in texts], bool)
-    for v in verifiers:
-        verifier = load_verifier(v) if isinstance(v, VerifierConfig) else v
-        vc = verifier.config
-        _say(progress, f"scoring {2 * n} outputs with verifier {vc.name} ({vc.model})")
-        s = score_texts(verifier, instructions * 2, texts, stopped, batch_size=batch_size)
-        check_finite(s.mean, ~s.empty, f"verifier {vc.name!r}")
-        del verifier
-        empty |= s.empty
-        total += vc.weight * np.where(s.empty, 0.0, s.mean)
-        summary["verifiers"].append(
-            {"name": vc.name, "model": vc.model, "weight": vc.weight, "context": vc.context, "template": vc.template}
-        )
+    if verifiers:
+        texts = sides["model"].outputs + sides["baseline"].outputs
+        stopped = [
+            s for side in SIDES for s in (sides[side].stopped if sides[side].stopped is not None else [True] * n)
+        ]
+        total = np.zeros(2 * n, np.float64)
+        empty = np.array([not t for t in texts], bool)
+        for v in verifiers:
+            verifier = load_verifier(v) if isinstance(v, VerifierConfig) else v
+            vc = verifier.config
+            _say(progress, f"scoring {2 * n} outputs with verifier {vc.name} ({vc.model}), plain and contrastive")
+            forms = score_forms(
+                verifier,
+                instructions * 2,
+                texts,
+                stopped=stopped,
+                batch_size=batch_size,
+                allow_empty=True,
+                cache=score_cache,
+            )
+            del verifier
+            empty |= forms["empty"]
+            trained = forms["contrastive" if vc.contrastive else "plain"]
+            total += vc.weight * np.where(forms["empty"], 0.0, trained)
+            summary["verifiers"].append(
+                {
+                    "name": vc.name,
+                    "model": vc.model,
+                    "weight": vc.weight,
+                    "context": vc.context,
+                    "template": vc.template,
+                    "contrastive": vc.contrastive,
+                }
+            )
+            keys = {f"cme_{vc.name}": trained, **{f"cme_{vc.name}_{f}": forms[f] for f in FORMS}}
+            for k, side in enumerate(SIDES):
+                part = slice(k * n, (k + 1) * n)
+                for key, x in keys.items():
+                    vals = np.where(forms["empty"][part], np.nan, x[part])
+                    per[side][key] = vals
+                    summary[side][key] = interval(vals)["mean"]
         for k, side in enumerate(SIDES):
             part = slice(k * n, (k + 1) * n)
-            ok = ~s.empty[part]
-            summary[side][f"cme_{vc.name}"] = _mean(s.mean[part][ok].astype(np.float64).tolist())
-            for i in range(n):
-                rows[i][f"{side}_cme_{vc.name}"] = None if s.empty[part][i] else float(s.mean[part][i])
-    for k, side in enumerate(SIDES):
-        part = slice(k * n, (k + 1) * n)
-        summary[side]["cme"] = _mean(total[part][~empty[part]].tolist())
-        for i in range(n):
-            rows[i][f"{side}_cme"] = None if empty[part][i] else float(total[part][i])
-    both = ~empty[:n] & ~empty[n:]
-    diff = total[:n][both] - total[n:][both]
-    summary["cme_win_rate"] = _mean(((diff > 0) + 0.5 * (diff == 0)).tolist())
-    summary["cme_compared"] = int(both.sum())
+            per[side]["cme"] = np.where(empty[part], np.nan, total[part])
+            summary[side]["cme"] = interval(per[side]["cme"])["mean"]
+        both = ~empty[:n] & ~empty[n:]
+        diff = total[:n][both] - total[n:][both]
+        summary["cme_win_rate"] = _mean(((diff > 0) + 0.5 * (diff == 0)).tolist())
+        summary["cme_compared"] = int(both.sum())
+    kw = dict(seed=seed, n_boot=n_boot)
+    summary["intervals"] = {
+        key: paired_interval(x, per["baseline"][key], **kw)
+        if key in per["baseline"]
+        else {"model": interval(x, **kw), "n": int(np.isfinite(x).sum())}
+        for key, x in per["model"].items()
+    }
+    for side in SIDES:
+        for key, x in per[side].items():
+            if key.startswith("cme") or key in ("entropy", "kl"):
+                for i in range(n):
+                    rows[i][f"{side}_{key}"] = None if not np.isfinite(x[i]) else float(x[i])
     return summary, rows
 
 
@@ -721,37 +1126,63 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _with_ci(d: Mapping[str, Any] | None, digits: int) -> str:
+    """`mean [low, high]` of an interval dict."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    return f"{_fmt(d['mean'], digits)} [{_fmt(d['ci95_low'], digits)}, {_fmt(d['ci95_high'], digits)}]"
+
+
 def automatic_report(auto: dict[str, Any], model_name: str, base_name: str) -> str:
-    """The markdown section for the automatic metrics."""
-    m, b = auto["model"], auto["baseline"]
-    lines = ["## Automatic metrics", "", f"| metric | {model_name} | {base_name} |", "|---|---|---|"]
-    table: list[tuple[str, str, int | None]] = [
-        (f"CME under `{v['model']}` (`{v['name']}`, weight {v['weight']:g})", f"cme_{v['name']}", 3)
-        for v in auto["verifiers"]
+    """The markdown section for the automatic metrics: both sides and their difference, with 95% intervals."""
+    m, b, iv = auto["model"], auto["baseline"], auto.get("intervals", {})
+    lines = [
+        "## Automatic metrics",
+        "",
+        f"| metric | {model_name} | {base_name} | difference, model - baseline [95% CI] |",
+        "|---|---|---|---|",
     ]
+    # (label, key in each side's summary, key in intervals or None, digits; None digits = a percentage)
+    table: list[tuple[str, str, str | None, int | None]] = []
+    for v in auto["verifiers"]:
+        form = "contrastive" if v.get("contrastive") else "plain"
+        other = "plain" if form == "contrastive" else "contrastive"
+        key = f"cme_{v['name']}"
+        table.append((f"CME under `{v['model']}` (`{v['name']}`, {form}, weight {v['weight']:g})", key, key, 3))
+        table.append((f"CME under `{v['model']}`, {other} form", f"{key}_{other}", f"{key}_{other}", 3))
     if len(auto["verifiers"]) > 1:
-        table.append(("CME, weighted sum", "cme", 3))
+        table.append(("CME, weighted sum", "cme", "cme", 3))
     table += [
-        ("distinct-2 (word bigrams)", "distinct_2", 3),
-        ("mean length (characters)", "mean_length_characters", 1),
-        ("mean length (words)", "mean_length_words", 1),
-        ("mean length (own tokens)", "mean_length_tokens", 1),
-        ("stopped before the token limit", "stopped_rate", None),
-        ("empty outputs", "empty", 0),
+        ("distinct-2 (word bigrams over all outputs; interval: within each output)", "distinct_2", "distinct_2", 3),
+        ("mean length (characters)", "mean_length_characters", None, 1),
+        ("mean length (words)", "mean_length_words", "length_words", 1),
+        ("mean length (own tokens)", "mean_length_tokens", "length_tokens", 1),
+        ("cut at the token limit", "truncated_rate", "truncated", None),
+        (f"word {REPETITION_N}-gram repetition", f"repetition_{REPETITION_N}", f"repetition_{REPETITION_N}", 3),
+        ("mean token entropy (nats)", "entropy", "entropy", 3),
+        ("KL to the reference (nats/token)", "kl", "kl", 4),
+        ("empty outputs", "empty", None, 0),
     ]
-    for label, key, digits in table:
-        cells = [_pct(side[key]) if digits is None else _fmt(side[key], digits) for side in (m, b)]
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    for label, key, ikey, digits in table:
+        if m.get(key) is None and b.get(key) is None:
+            continue
+        cells = [_pct(side.get(key)) if digits is None else _fmt(side.get(key), digits) for side in (m, b)]
+        d = iv.get(ikey) if ikey else None
+        diff = _with_ci(d["difference"], 3 if digits is None else max(digits, 3)) if d and "difference" in d else ""
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {diff} |")
     lines.append("")
     if auto["verifiers"]:
         lines += [
             f"{model_name}'s CME is higher than {base_name}'s on {_pct(auto.get('cme_win_rate'))} of "
             f"{auto.get('cme_compared', 0)} prompts (ties count half). CME is the mean per-token log-likelihood "
             "of an output under a frozen verifier (higher is more likely); bland, repetitive or cut-off text can "
-            "score high, so read it beside distinct-2, length and the judge. Per-prompt values are in "
-            "automatic.jsonl.",
+            "score high, so read it beside distinct-2, repetition, length and the judge.",
             "",
         ]
+    lines += [
+        "Intervals are percentile-bootstrap 95% intervals over prompts; per-prompt values are in automatic.jsonl.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -767,7 +1198,7 @@ def evaluate(
     model: Policy,
     baseline: Policy,
     prompts: Sequence[EvalPrompt | str],
-    judge: Judge,
+    judge: Judge | None,
     out_dir: str | Path,
     *,
     sampling: SamplingConfig = DEFAULT_SAMPLING,
@@ -775,22 +1206,43 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 16,
     retries_unparsed: int = 2,
+    audit_pairs: int = 0,
+    audit: Mapping[str, Any] | None = None,
+    early_stop: int = EARLY_STOP_PAIRS,
     n_boot: int = 2000,
     regenerate: bool = False,
     truncate_left: bool = False,
     prompt_source: str | None = None,
     progress: bool = True,
+    kl_reference: LoadedModel | str | None = None,
+    score_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate (or reuse) both sides' outputs, score them, judge every pair in both orders, write OUT.
 
     Models are loaded when first needed and each side's own model is released after it generated,
     so at most one policy, then one verifier, then the judge are held at a time. Returns the dict
-    written to results.json.
+    written to results.json. With `kl_reference` (a model or spec, usually the base of the trained model),
+    the model's per-token entropy and exact KL to it over its outputs, and the reference's entropy over
+    the baseline's outputs, join the automatic metrics. Scored verifier rows are kept in `score_cache`
+    (default OUT/score_cache.jsonl), so a rerun or another evaluation with the same baseline outputs
+    does not score them again.
+
+    Judging: `judge=None` runs generation and the automatic metrics only (results.json without a win
+    rate). `audit_pairs=N` first scores the judge itself on the first N shipped preference pairs
+    (`judge_audit`, same cache), or `audit` supplies a `judge_audit` result computed once elsewhere; it
+    goes into results.json ("judge_audit") and beside the win rate in report.md. With `early_stop=K`, a
+    judge that leaves more than half of the first K pairs unparsed stops the run with one line (audit and
+    evaluation alike), keeping its finished judgments in the cache.
     """
     if sampling.num_samples != 1:
         raise CmeError("evaluation compares one output per prompt; use num_samples=1")
     if batch_size < 1 or retries_unparsed < 0:
         raise CmeError("batch size must be >= 1 and unparsed retries >= 0")
+    audit_set = _audit_pairs(audit_pairs) if audit_pairs else None
+    if judge is None and (audit_set is not None or audit is not None):
+        raise CmeError("a judge audit needs a judge; drop --judge-audit or give a judge instead of --no-judge")
+    if audit_set is not None and audit is not None:
+        raise CmeError("give either audit_pairs (run the judge audit) or audit (a finished one), not both")
     prompts = [p if isinstance(p, EvalPrompt) else EvalPrompt(p) for p in prompts]
     if not prompts:
         raise CmeError("no prompts given; pass at least one instruction")
@@ -815,24 +1267,57 @@ def evaluate(
         )
         policy.release()
 
-    auto, auto_rows = automatic_metrics(prompts, sides, verifiers, batch_size=batch_size, progress=progress)
+    tokens = None
+    if kl_reference is not None:
+        tokens = side_token_metrics(
+            model, baseline, kl_reference, prompts, sides, batch_size=batch_size, progress=progress
+        )
+    auto, auto_rows = automatic_metrics(
+        prompts,
+        sides,
+        verifiers,
+        batch_size=batch_size,
+        progress=progress,
+        tokens=tokens,
+        score_cache=JudgmentCache(out / "score_cache.jsonl" if score_cache is None else score_cache),
+        seed=seed,
+        n_boot=n_boot,
+    )
 
-    items = [
-        PairItem(p.instruction, m, b, p.dataset)
-        for p, m, b in zip(prompts, sides["model"].outputs, sides["baseline"].outputs)
-    ]
-    cache_path = out / "judge_cache.jsonl"
-    cache = JudgmentCache(cache_path)
-    _say(progress, f"judging {len(items)} pairs in both orders ({len(cache)} judgments cached in {cache_path})")
-    active: Judge = _ProgressJudge(judge) if progress else judge
-    try:
-        records = run_pairwise(items, active, cache, retries_unparsed=retries_unparsed)
-    except CmeError as e:
-        raise CmeError(
-            f"{e} ({len(cache)} finished judgments are cached in {cache_path}; rerun the same command to resume)"
-        ) from None
-    summary = summarize_records(records, seed=seed, n_boot=n_boot)
-    paths = write_results(out, records, summary, model.name, baseline.name, judge_id=judge.judge_id)
+    summary: dict[str, Any] | None = None
+    if judge is None:
+        paths = _write_without_judge(out, model.name, baseline.name)
+    else:
+        items = [
+            PairItem(p.instruction, m, b, p.dataset)
+            for p, m, b in zip(prompts, sides["model"].outputs, sides["baseline"].outputs)
+        ]
+        cache_path = out / "judge_cache.jsonl"
+        cache = JudgmentCache(cache_path)
+        active: Judge = _ProgressJudge(judge) if progress else judge
+        try:
+            if audit_set is not None:
+                _say(progress, f"judge audit: {len(audit_set)} shipped preference pairs in both orders")
+                audit = judge_audit(
+                    active,
+                    audit_set,
+                    cache,
+                    retries_unparsed=retries_unparsed,
+                    early_stop=early_stop,
+                    seed=seed,
+                    n_boot=n_boot,
+                )
+                _say(progress, audit_sentence(audit).replace("**", ""))
+            _say(progress, f"judging {len(items)} pairs in both orders ({len(cache)} judgments cached in {cache_path})")
+            records = run_pairwise(items, active, cache, retries_unparsed=retries_unparsed, early_stop=early_stop)
+        except UnusableJudgeError as e:
+            raise CmeError(f"{e} ({len(cache)} finished judgments are cached in {cache_path})") from None
+        except CmeError as e:
+            raise CmeError(
+                f"{e} ({len(cache)} finished judgments are cached in {cache_path}; rerun the same command to resume)"
+            ) from None
+        summary = summarize_records(records, seed=seed, n_boot=n_boot)
+        paths = write_results(out, records, summary, model.name, baseline.name, judge_id=judge.judge_id, audit=audit)
 
     results = json.loads(paths["results.json"].read_text(encoding="utf-8"))
     results["automatic"] = auto
@@ -848,6 +1333,12 @@ def evaluate(
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
         (out / "automatic.jsonl").unlink(missing_ok=True)  # an earlier run's scores would no longer match
+    if summary is None:
+        _say(
+            progress,
+            f"{model.name} vs {baseline.name}: no judge, automatic metrics only; report in {paths['report.md']}",
+        )
+        return results
     rate = summary["win_rate_tie_adjusted"]
     _say(
         progress,
@@ -855,6 +1346,32 @@ def evaluate(
         f"{summary['unparsed']} unparsed; tie-adjusted win rate {_pct(rate)}; report in {paths['report.md']}",
     )
     return results
+
+
+def _audit_pairs(n: int) -> list[Any]:
+    """The first n shipped preference pairs for the judge audit; CmeError when n is out of range."""
+    from cme_jax.audit import shipped_pairs
+
+    pairs = shipped_pairs()
+    if not 0 <= n <= len(pairs):
+        raise CmeError(f"--judge-audit must be between 0 and {len(pairs)} (the shipped preference pairs), got {n}")
+    return pairs[:n]
+
+
+def _write_without_judge(out: Path, model_name: str, base_name: str) -> dict[str, Path]:
+    """results.json and report.md of an evaluation without a judge; an earlier run's judged files are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("judgments.jsonl", "report.png"):
+        (out / stale).unlink(missing_ok=True)
+    paths = {"results.json": out / "results.json", "report.md": out / "report.md"}
+    results = {"model": model_name, "baseline": base_name, "judge": None}
+    paths["results.json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    paths["report.md"].write_text(
+        f"# {model_name} vs {base_name}\n\nNo judge was run (`--no-judge`): this evaluation has no win rate, only the "
+        "automatic metrics below.\n",
+        encoding="utf-8",
+    )
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -887,9 +1404,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generation and scoring batch")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="policies and judge")
     g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    g = p.add_argument_group("judge (exactly one of --judge-model or --judge-url)")
+    g = p.add_argument_group("judge (exactly one of --judge-model, --judge-url or --no-judge)")
     g.add_argument("--judge-model", help="model spec or RUN_DIR[@STEP] run locally as the judge")
     g.add_argument("--judge-url", help="base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")
+    g.add_argument("--no-judge", action="store_true", help="no judge: generation and automatic metrics only")
+    g.add_argument(
+        "--judge-verdict",
+        help="local judge: generate (write a reply, parse its verdict; default) or likelihood (the likelier of "
+        "A and B after '[[', no generation)",
+    )
+    g.add_argument(
+        "--judge-audit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first score the judge on N of the 48 shipped preference pairs (0 = off, default)",
+    )
     g.add_argument("--judge-name", help="model name sent to --judge-url")
     g.add_argument("--judge-key-env", help="environment variable holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--judge-no-key", action="store_true", help="send no API key (local servers)")
@@ -905,26 +1435,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verifier-context", choices=["auto", "chat", "plain"], default="auto")
     g.add_argument("--verifier-template", default=DEFAULT_PLAIN_TEMPLATE, help="plain verifier context with {prompt}")
     g.add_argument("--verifier-max-length", type=int, default=1024, help="output tokens scored at most")
+    g.add_argument(
+        "--kl-reference",
+        help="model spec (usually the base of --model): the model's entropy and exact KL to it over its outputs",
+    )
+    g.add_argument(
+        "--score-cache", type=Path, help="scored-row cache shared by evaluations (default OUT/score_cache.jsonl)"
+    )
     return p
 
 
-def build_judge(args: argparse.Namespace) -> Judge:
-    """The judge the arguments name; CmeError for none, both, or missing settings (before anything loads)."""
+def build_judge(args: argparse.Namespace) -> Judge | None:
+    """The judge the arguments name (None for --no-judge); CmeError for none, two, or bad settings, before
+    anything loads."""
+    if args.no_judge:
+        if args.judge_model is not None or args.judge_url is not None:
+            raise CmeError("--no-judge and --judge-model/--judge-url exclude each other; give one")
+        for flag in ("judge_name", "judge_key_env", "judge_max_tokens", "judge_verdict"):
+            if getattr(args, flag) is not None:
+                raise CmeError(f"--{flag.replace('_', '-')} needs a judge; drop it or --no-judge")
+        if args.judge_no_key or args.judge_audit:
+            flag = "--judge-no-key" if args.judge_no_key else "--judge-audit"
+            raise CmeError(f"{flag} needs a judge; drop it or --no-judge")
+        return None
     if (args.judge_model is None) == (args.judge_url is None):
         raise CmeError(
             "give exactly one judge: --judge-model SPEC (run locally) or --judge-url URL with --judge-name MODEL"
         )
     if args.judge_max_tokens is not None and args.judge_max_tokens < 1:
         raise CmeError(f"--judge-max-tokens must be >= 1, got {args.judge_max_tokens}")
+    verdict = args.judge_verdict
+    if verdict is not None and verdict not in VERDICT_MODES:
+        raise CmeError(f"--judge-verdict must be one of {', '.join(VERDICT_MODES)}, got {verdict!r}")
+    _audit_pairs(args.judge_audit)  # the range check, before anything loads
     if args.judge_model is not None:
         for flag in ("judge_name", "judge_key_env"):
             if getattr(args, flag) is not None:
                 raise CmeError(f"--{flag.replace('_', '-')} goes with --judge-url, not with --judge-model")
+        if verdict == "likelihood" and args.judge_max_tokens is not None:
+            raise CmeError("--judge-max-tokens goes with --judge-verdict generate; a likelihood verdict writes nothing")
         return local_judge(
             args.judge_model,
+            verdict=verdict or "generate",
             max_new_tokens=args.judge_max_tokens or 256,
             batch_size=args.judge_batch_size,
             dtype=args.dtype,
+        )
+    if verdict == "likelihood":
+        raise CmeError(
+            "--judge-verdict likelihood needs a local judge (--judge-model): an API returns text, not the log-probs"
         )
     if not args.judge_name:
         raise CmeError("--judge-url needs --judge-name MODEL, the model name the endpoint serves")
@@ -1021,10 +1580,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         retries_unparsed=args.retries_unparsed,
+        audit_pairs=args.judge_audit,
         n_boot=args.bootstrap,
         regenerate=args.regenerate,
         truncate_left=args.truncate_left,
         prompt_source=args.prompts,
+        kl_reference=args.kl_reference,
+        score_cache=args.score_cache,
     )
 
 

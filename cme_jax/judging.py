@@ -19,6 +19,13 @@ Protocol, in one screen:
   baseline; everything else (tie in both, split verdicts, a win and a tie) scores 0.5.
 - `win_rate_tie_adjusted` = (wins + 0.5 ties) / n, which is AlpacaEval's discrete win rate (as a
   fraction, not a percentage) with AlpacaEval preference = 1 + score.
+- A judge with `verdict_only` gets the verdict-only variant of the prompt (`[[A]]` or `[[B]]`, no
+  reasoning), e.g. a local model whose verdict is the likelier next letter after a prefilled "[[".
+- Early stop (`run_pairwise(..., early_stop=K)`): the first K pairs are judged first; if more than half
+  stay unparsed the run stops with `UnusableJudgeError` instead of paying for the rest.
+- `judge_audit` scores the judge itself on preference pairs (chosen as the model, rejected as the
+  baseline) through the same protocol and cache: its accuracy is the tie-adjusted win rate of `chosen`.
+  `write_results(..., audit=...)` puts it beside the win rate, which is worth what the judge is worth.
 
 Typical use (the model-dependent glue supplies the outputs and, optionally, a local judge):
 
@@ -93,11 +100,26 @@ UNPARSED_FOLLOWUP = (
     "Your reply did not end with a verdict in the required form. Answer with the verdict only: [[A]], [[B]] or [[C]]."
 )
 
+# The verdict-only variant, for judges that answer with the verdict alone (the likelihood verdict of a local
+# model reads the next token after an assistant turn prefilled with "[["): no reasoning, no tie option.
+JUDGE_SYSTEM_VERDICT = JUDGE_SYSTEM.replace("Think briefly, then give your verdict.", "Give your verdict only.")
 
-def render_pairwise(instruction: str, output_a: str, output_b: str) -> list[Message]:
-    """Build the chat conversation that asks the judge to compare output A with output B."""
-    user = PAIRWISE_TEMPLATE.format(instruction=instruction, output_a=output_a, output_b=output_b)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+PAIRWISE_VERDICT_TEMPLATE = PAIRWISE_TEMPLATE[: PAIRWISE_TEMPLATE.index("Explain your reasoning")] + (
+    "Which response is better? Answer with the verdict only, in double brackets: [[A]] if response A is better, "
+    "[[B]] if response B is better."
+)
+
+
+def render_pairwise(instruction: str, output_a: str, output_b: str, *, verdict_only: bool = False) -> list[Message]:
+    """Build the chat conversation that asks the judge to compare output A with output B.
+
+    `verdict_only` asks for the bare verdict [[A]] or [[B]] instead of reasoning followed by a verdict.
+    """
+    system, template = (
+        (JUDGE_SYSTEM_VERDICT, PAIRWISE_VERDICT_TEMPLATE) if verdict_only else (JUDGE_SYSTEM, PAIRWISE_TEMPLATE)
+    )
+    user = template.format(instruction=instruction, output_a=output_a, output_b=output_b)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -258,11 +280,16 @@ class Judge(Protocol):
 
 @dataclasses.dataclass
 class FunctionJudge:
-    """Adapts a plain function from conversations to reply texts into a `Judge` (local models, tests)."""
+    """Adapts a plain function from conversations to reply texts into a `Judge` (local models, tests).
+
+    `verdict_only` asks `run_pairwise` for the verdict-only conversations (`render_pairwise(...,
+    verdict_only=True)`), for judges that answer with the bare verdict.
+    """
 
     fn: Callable[[Sequence[list[Message]]], list[str]]
     judge_id: str
     batch_size: int = 16
+    verdict_only: bool = False
 
     def judge(
         self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
@@ -575,6 +602,13 @@ class PairRecord:
 
 IDENTICAL_NOTE = "(identical outputs: tie without asking the judge)"
 
+# Pairs judged first, in both orders, to catch a judge that cannot give verdicts (see `run_pairwise`).
+EARLY_STOP_PAIRS = 8
+
+
+class UnusableJudgeError(CmeError):
+    """The judge left most of the first pairs without a verdict; the run stopped instead of paying for the rest."""
+
 
 def run_pairwise(
     items: Sequence[PairItem],
@@ -584,6 +618,8 @@ def run_pairwise(
     retries_unparsed: int = 2,
     tie_identical: bool = True,
     length_fn: Callable[[str], float] = len,
+    early_stop: int = 0,
+    verdict_only: bool | None = None,
 ) -> list[PairRecord]:
     """Judge every item in both orders, cache first, retrying unparsed replies; one record per item.
 
@@ -593,8 +629,18 @@ def run_pairwise(
     judge; each reply is cached the moment the judge reports it, so an interrupted run resumes
     without asking anything twice. With `tie_identical`, a pair whose two outputs are equal (after
     stripping whitespace) is a tie in both orders without a judge call, as AlpacaEval does.
+
+    With `early_stop=K > 0` and more than K items, the first K items are judged (rounds, retries and
+    all) before any other; if more than half of them stay unparsed, `UnusableJudgeError` (one line)
+    is raised without asking anything about the rest, their judgments kept in the cache.
+    `verdict_only` (default: the judge's own `verdict_only` attribute, else False) sends the
+    verdict-only conversations of `render_pairwise`.
     """
     judge_id = judge.judge_id
+    if early_stop < 0:
+        raise CmeError(f"early_stop must be >= 0, got {early_stop}")
+    if verdict_only is None:
+        verdict_only = bool(getattr(judge, "verdict_only", False))
     base: dict[tuple[int, int], list[Message]] = {}
     replies: dict[tuple[int, int], list[str]] = {}
     verdicts: dict[tuple[int, int], Verdict | None] = {}
@@ -606,11 +652,59 @@ def run_pairwise(
                 verdicts[(i, order)] = "C"
                 continue
             a, b = (it.model_output, it.base_output) if order == 0 else (it.base_output, it.model_output)
-            base[(i, order)] = render_pairwise(it.instruction, a, b)
+            base[(i, order)] = render_pairwise(it.instruction, a, b, verdict_only=verdict_only)
             verdicts[(i, order)] = None
 
+    if 0 < early_stop < len(items):
+        _judge_rounds([k for k in base if k[0] < early_stop], base, replies, verdicts, judge, cache, retries_unparsed)
+        bad = sum(verdicts[(i, 0)] is None or verdicts[(i, 1)] is None for i in range(early_stop))
+        if 2 * bad > early_stop:
+            raise UnusableJudgeError(
+                f"judge {judge_id} gave no parseable verdict on {bad} of the first {early_stop} pairs (both orders, "
+                f"{retries_unparsed} follow-ups each), so it was stopped before the other {len(items) - early_stop}; "
+                "use a stronger judge, an API judge (--judge-url) or the likelihood verdict "
+                "(--judge-verdict likelihood)"
+            )
+        _judge_rounds([k for k in base if k[0] >= early_stop], base, replies, verdicts, judge, cache, retries_unparsed)
+    else:
+        _judge_rounds(list(base), base, replies, verdicts, judge, cache, retries_unparsed)
+
+    records = []
+    for i, it in enumerate(items):
+        records.append(
+            PairRecord(
+                index=i,
+                instruction=it.instruction,
+                model_output=it.model_output,
+                base_output=it.base_output,
+                dataset=it.dataset,
+                verdict_model_as_a=verdicts[(i, 0)],
+                verdict_model_as_b=verdicts[(i, 1)],
+                judge_output_model_as_a=replies[(i, 0)],
+                judge_output_model_as_b=replies[(i, 1)],
+                model_length=float(length_fn(it.model_output)),
+                base_length=float(length_fn(it.base_output)),
+            )
+        )
+    unparsed = sum(r.score is None for r in records)
+    if unparsed:
+        log.warning("%d of %d pairs stayed unparsed after %d retries", unparsed, len(records), retries_unparsed)
+    return records
+
+
+def _judge_rounds(
+    subset: Sequence[tuple[int, int]],
+    base: Mapping[tuple[int, int], list[Message]],
+    replies: dict[tuple[int, int], list[str]],
+    verdicts: dict[tuple[int, int], Verdict | None],
+    judge: Judge,
+    cache: JudgmentCache,
+    retries_unparsed: int,
+) -> None:
+    """The rounds of `run_pairwise` for some (item, order) keys; fills `replies` and `verdicts` in place."""
+    judge_id = judge.judge_id
     for round_ in range(retries_unparsed + 1):
-        pending = [k for k in base if verdicts[k] is None and len(replies[k]) == round_]
+        pending = [k for k in subset if verdicts[k] is None and len(replies[k]) == round_]
         if not pending:
             break
         conv: dict[tuple[int, int], list[Message]] = {}
@@ -648,28 +742,6 @@ def run_pairwise(
             replies[k].append(text)
             verdicts[k] = parse_verdict(text)
 
-    records = []
-    for i, it in enumerate(items):
-        records.append(
-            PairRecord(
-                index=i,
-                instruction=it.instruction,
-                model_output=it.model_output,
-                base_output=it.base_output,
-                dataset=it.dataset,
-                verdict_model_as_a=verdicts[(i, 0)],
-                verdict_model_as_b=verdicts[(i, 1)],
-                judge_output_model_as_a=replies[(i, 0)],
-                judge_output_model_as_b=replies[(i, 1)],
-                model_length=float(length_fn(it.model_output)),
-                base_length=float(length_fn(it.base_output)),
-            )
-        )
-    unparsed = sum(r.score is None for r in records)
-    if unparsed:
-        log.warning("%d of %d pairs stayed unparsed after %d retries", unparsed, len(records), retries_unparsed)
-    return records
-
 
 def summarize_records(
     records: Sequence[PairRecord], *, seed: int = 0, n_boot: int = 2000, length_unit: str = "characters"
@@ -683,6 +755,97 @@ def summarize_records(
         n_boot=n_boot,
         length_unit=length_unit,
     )
+
+
+# ----------------------------------------------------------------------------- judge audit
+
+
+class PreferenceLike(Protocol):
+    """A prompt with a better (`chosen`) and a worse (`rejected`) response, e.g. `cme_jax.audit.PreferencePair`."""
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def chosen(self) -> str: ...
+
+    @property
+    def rejected(self) -> str: ...
+
+
+def judge_audit(
+    judge: Judge,
+    pairs: Sequence[PreferenceLike],
+    cache: JudgmentCache,
+    *,
+    retries_unparsed: int = 2,
+    early_stop: int = EARLY_STOP_PAIRS,
+    seed: int = 0,
+    n_boot: int = 2000,
+    source: str = "builtin:preference_pairs",
+) -> dict[str, Any]:
+    """How well the judge itself separates a better answer from a worse one, through the same protocol.
+
+    Each pair is judged in both orders by `run_pairwise` (so with its cache, retries and early stop),
+    `chosen` playing the model and `rejected` the baseline. `accuracy` is the tie-adjusted win rate of
+    `chosen` (a split verdict counts half), with its bootstrap interval over pairs; the per-order
+    accuracies are the share of scored pairs whose verdict in that order picks `chosen` (a tie half);
+    `position_consistency` is the share of scored pairs where both orders agree, `first_position_rate` the
+    share of decisive verdicts that pick whatever was shown first. Rates are None when nothing was scored.
+    """
+    if not pairs:
+        raise CmeError("the judge audit needs at least one preference pair")
+    items = [PairItem(p.prompt, p.chosen, p.rejected) for p in pairs]
+    records = run_pairwise(items, judge, cache, retries_unparsed=retries_unparsed, early_stop=early_stop)
+    s = summarize_records(records, seed=seed, n_boot=n_boot)
+    per_order = [order_scores(r.verdict_model_as_a, r.verdict_model_as_b) for r in records if r.score is not None]  # type: ignore[arg-type]
+    first = [a for a, _ in per_order]
+    second = [b for _, b in per_order]
+    return {
+        "judge": judge.judge_id,
+        "source": source,
+        "pairs": len(items),
+        "n": s["n"],
+        "accuracy": s["win_rate_tie_adjusted"],
+        "ci95_low": s["ci95_low"],
+        "ci95_high": s["ci95_high"],
+        "accuracy_chosen_first": float(np.mean(first)) if first else None,
+        "accuracy_chosen_second": float(np.mean(second)) if second else None,
+        "position_consistency": s["position_consistency"],
+        "first_position_rate": s["first_position_rate"],
+        "unparsed": s["unparsed"],
+        "bootstrap_resamples": n_boot,
+        "seed": seed,
+    }
+
+
+def audit_sentence(audit: Mapping[str, Any]) -> str:
+    """One markdown paragraph saying what the judge is worth, to be read beside any win rate it produced."""
+    what = "shipped preference pairs" if audit.get("source") == "builtin:preference_pairs" else "preference pairs"
+    if not audit["n"]:
+        return (
+            f"**Judge audit:** the judge gave no usable verdict on any of {audit['pairs']} {what}, so nothing it "
+            "says separates the policies."
+        )
+    acc, lo, hi = audit["accuracy"], audit["ci95_low"], audit["ci95_high"]
+    text = (
+        f"**Judge audit:** judge accuracy on {audit['n']} {what} (the better answer preferred, both orders, "
+        f"split verdicts half): **{_pct(acc)}** [{_pct(lo)}, {_pct(hi)}]; with the better answer shown first "
+        f"{_pct(audit['accuracy_chosen_first'])}, second {_pct(audit['accuracy_chosen_second'])}; position "
+        f"consistency {_pct(audit['position_consistency'])}; picks the first-shown answer in "
+        f"{_pct(audit['first_position_rate'])} of decisive verdicts"
+    )
+    if audit["unparsed"]:
+        text += f"; {audit['unparsed']} of {audit['pairs']} pairs unparsed"
+    text += ". "
+    if lo is not None and lo <= 0.5:
+        text += (
+            "Its interval reaches 50%: this judge cannot reliably tell a better answer from a worse one, so its "
+            "win rate says little about which policy is better."
+        )
+    else:
+        text += "Read every win rate beside this accuracy: a judge near 50% cannot separate the policies."
+    return text
 
 
 # ----------------------------------------------------------------------------- files
@@ -763,8 +926,15 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _report_md(records: Sequence[PairRecord], s: dict[str, Any], model: str, base: str, judge: str | None) -> str:
-    """The human-readable report."""
+def _report_md(
+    records: Sequence[PairRecord],
+    s: dict[str, Any],
+    model: str,
+    base: str,
+    judge: str | None,
+    audit: Mapping[str, Any] | None = None,
+) -> str:
+    """The human-readable report; a judge audit, when given, sits right after the win rate."""
     unit = s.get("length_unit", "characters")
     lines = [f"# {model} vs {base}", ""]
     if s["n"]:
@@ -783,6 +953,8 @@ def _report_md(records: Sequence[PairRecord], s: dict[str, Any], model: str, bas
             f"{'it is' if u == 1 else 'they are'} excluded from the rate and listed below."
         )
     lines += [sentence, ""]
+    if audit is not None:
+        lines += [audit_sentence(audit), ""]
     lines += [
         "| metric | value |",
         "|---|---|",
@@ -893,8 +1065,12 @@ def write_results(
     model_name: str,
     base_name: str,
     judge_id: str | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write judgments.jsonl, results.json, report.md and report.png into out_dir; return their paths."""
+    """Write judgments.jsonl, results.json, report.md and report.png into out_dir; return their paths.
+
+    A `judge_audit` result goes into results.json as "judge_audit" and into the report beside the win rate.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("judgments.jsonl", "results.json", "report.md", "report.png")}
@@ -902,8 +1078,11 @@ def write_results(
         for r in records:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     results = {"model": model_name, "baseline": base_name, "judge": judge_id, **summary}
+    if audit is not None:
+        results["judge_audit"] = dict(audit)
     paths["results.json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    paths["report.md"].write_text(_report_md(records, summary, model_name, base_name, judge_id), encoding="utf-8")
+    report = _report_md(records, summary, model_name, base_name, judge_id, audit)
+    paths["report.md"].write_text(report, encoding="utf-8")
     _report_png(paths["report.png"], records, summary, model_name, base_name)
     return paths
 
@@ -921,10 +1100,17 @@ def judge_and_report(
     n_boot: int = 2000,
     length_fn: Callable[[str], float] = len,
     length_unit: str = "characters",
+    early_stop: int = 0,
+    audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run, summarize and write a pairwise evaluation; the cache defaults to out_dir/judge_cache.jsonl."""
+    """Run, summarize and write a pairwise evaluation; the cache defaults to out_dir/judge_cache.jsonl.
+
+    `early_stop` is `run_pairwise`'s; `audit` (a `judge_audit` result) is written beside the win rate.
+    """
     cache = JudgmentCache(cache_path if cache_path is not None else Path(out_dir) / "judge_cache.jsonl")
-    records = run_pairwise(items, judge, cache, retries_unparsed=retries_unparsed, length_fn=length_fn)
+    records = run_pairwise(
+        items, judge, cache, retries_unparsed=retries_unparsed, length_fn=length_fn, early_stop=early_stop
+    )
     summary = summarize_records(records, seed=seed, n_boot=n_boot, length_unit=length_unit)
-    write_results(out_dir, records, summary, model_name, base_name, judge_id=judge.judge_id)
+    write_results(out_dir, records, summary, model_name, base_name, judge_id=judge.judge_id, audit=audit)
     return summary

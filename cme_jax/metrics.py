@@ -44,6 +44,37 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return len(seen) / total if total else 0.0
 
 
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Share of a text's whitespace n-grams that repeat an earlier one (0 with fewer than n words)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's JSONL file ([] without one); a line cut short by a killed write is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append(path: Path):
+    """Open a JSONL file for appending; a last line cut short by a killed write is ended first, not joined."""
+    f = open(path, "a+")  # noqa: SIM115 - kept open for the run's lifetime; RunLogger.close releases it
+    if f.tell() > 0:
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
+
+
 class RunLogger:
     """Writes scalars to TensorBoard and metrics.jsonl, sample tables, and a one-line console progress report."""
 
@@ -67,8 +98,8 @@ class RunLogger:
 
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         # Kept open for the run's lifetime and flushed per write; close() releases them.
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
-        self._samples = open(self.run_dir / "samples.jsonl", "a")  # noqa: SIM115
+        self._jsonl = _append(self.run_dir / "metrics.jsonl")
+        self._samples = _append(self.run_dir / "samples.jsonl")
 
     def scalars(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Record one step's scalars (non-finite values are written as null in JSON)."""
@@ -83,6 +114,18 @@ class RunLogger:
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         return values
+
+    def record(self, name: str, step: int, scalars: Mapping[str, float], row: Mapping[str, Any]) -> None:
+        """Scalars to TensorBoard at `step` and a whole row appended to RUN_DIR/<name> (e.g. heldout.jsonl)."""
+        if not self.active:
+            return
+        if self._writer is not None:
+            for k, v in scalars.items():
+                if math.isfinite(float(v)):
+                    self._writer.add_scalar(k, float(v), step)
+            self._writer.flush()
+        with _append(self.run_dir / name) as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """A table of prompts, responses and their rewards (TensorBoard text + samples.jsonl)."""

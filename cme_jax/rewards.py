@@ -565,8 +565,12 @@ def compute_rewards(
     mesh: Any = None,
     chunk_budget: int = DEFAULT_CHUNK_ELEMENTS,
     progress: Any = None,
+    skip_unweighted: bool = False,
 ) -> RewardOutput:
     """Rewards of one step's responses under `rcfg`, on the host (any verifier tokenizer).
+
+    With `skip_unweighted`, verifiers whose total weight is 0 (monitors, which the trainer's held-out
+    evaluation scores) are not scored: they cannot change a reward.
 
     `verifiers` are loaded in the order of rcfg.verifiers. `policy` (anything with .weights, .cfg and
     .tokenizer, e.g. a LoadedModel) is needed by the policy baselines and enables the same-vocabulary
@@ -587,6 +591,9 @@ def compute_rewards(
     scores: dict[str, VerifierScores] = {}
     if "cme" in names:
         kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget, progress=progress)
+        cme_weight = next(t.weight for t in rcfg.terms if t.name == "cme")
+        if skip_unweighted:
+            verifiers = [v for v in verifiers if cme_weight * v.config.weight != 0]
         for v in verifiers:
             scores[v.name] = _verifier_scores(v, batch, policy, **kw)
             empty |= scores[v.name].empty

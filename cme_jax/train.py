@@ -28,7 +28,7 @@ from cme_jax import rewards as rewards_lib
 from cme_jax.checkpoint import CheckpointManager, install_preemption_handler
 from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config
 from cme_jax.errors import CmeError, cli_main
-from cme_jax.metrics import RunLogger
+from cme_jax.metrics import RunLogger, read_jsonl
 from cme_jax.models.sharding import batch_sharding, make_mesh, replicated, weight_shardings
 from cme_jax.prompts import PromptSampler, PromptSet, load_prompts
 from cme_jax.sampling import Rollout, SamplingConfig, response_token_lists, sample_jit
@@ -48,6 +48,7 @@ from cme_jax.train_step import (
     make_optimizer,
     state_shardings,
 )
+from cme_jax.watchdog import WATCHDOG_FILE, Event, Watchdog, last_row_per_step, read_metrics, verdict, write_events
 
 # Console columns: the numbers a person watches while a run goes.
 PROGRESS_KEYS = ("reward/mean", "loss", "kl_mean", "response/length_mean", "time/step")
@@ -169,15 +170,80 @@ def encode_batch(run: Run, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray
     return left_pad(ids, length, pad_id(run.policy.tokenizer))
 
 
-def preview(run: Run, params: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy responses of `params` to a few prompts (the demo's before/after)."""
+def greedy_rollout(run: Run, params: Any, prompts: Sequence[str], max_new_tokens: int) -> tuple[Rollout, Any, Any]:
+    """Greedy responses of `params` to prompts: the host rollout and the left-padded prompt ids and mask."""
     toks, mask = encode_batch(run, prompts)
     scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     stops = np.asarray(stop_token_ids(run.policy.tokenizer, run.cfg.model.stop_strings) or [-1], np.int32)
     params = compute_params(params, run.sc.compute_dtype)
     ro = sample_jit(params, run.policy.cfg, toks, mask, jax.random.key(0), scfg, stops, pad_id(run.policy.tokenizer))
-    ro = jax.tree.map(to_host, ro)
+    return jax.tree.map(to_host, ro), toks, mask
+
+
+def preview(run: Run, params: Any, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy responses of `params` to a few prompts (the demo's before/after)."""
+    ro, _, _ = greedy_rollout(run, params, prompts, max_new_tokens)
     return [run.policy.tokenizer.decode(t, skip_special_tokens=True) for t in response_token_lists(ro)]
+
+
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def heldout_eval(run: Run, params: Any, step: int) -> dict[str, Any]:
+    """The policy's greedy responses to the first train.heldout_prompts held-out prompts, scored with the
+    training reward (per response, no group z-scoring: a group of one), and their exact per-token KL to the
+    reference and entropy when a reference is loaded. One row of RUN_DIR/heldout.jsonl."""
+    from cme_jax.models.logprobs import token_kl_jit
+
+    cfg = run.cfg
+    texts = list(run.data.heldout[: cfg.train.heldout_prompts])
+    ro, toks, mask = greedy_rollout(run, params, texts, cfg.sampling.max_new_tokens)
+    weights = compute_params(params, run.sc.compute_dtype)
+    out = rewards_lib.compute_rewards(
+        dataclasses.replace(cfg.reward, zscore=False),
+        rewards_lib.RewardBatch.from_rollout(texts, ro, toks, mask, run.policy.tokenizer),
+        verifiers=run.verifiers,
+        policy=dataclasses.replace(run.policy, weights=weights),
+        rng=jax.random.fold_in(jax.random.key(cfg.train.seed + 2), step),
+        mesh=run.mesh,
+    )
+    scalars = {f"heldout/{k}": v for k, v in out.diagnostics.items()}
+    if run.ref_params is not None:
+        tokens, full = np.concatenate([toks, ro.tokens], 1), np.concatenate([mask, ro.mask.astype(bool)], 1)
+        stats = token_kl_jit(weights, run.ref_params, run.policy.cfg, tokens, full, start=toks.shape[1])
+        n = max(float(ro.mask.sum()), 1.0)
+        scalars.update({f"heldout/{k}": float(np.asarray(v).sum()) / n for k, v in stats.items()})
+    responses = [run.policy.tokenizer.decode(t, skip_special_tokens=True) for t in response_token_lists(ro)]
+    return {
+        "step": step,
+        "scalars": scalars,
+        "prompts": texts,
+        "rewards": [float(r) for r in out.rewards],
+        "responses": responses,
+    }
+
+
+def heldout_report(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[str]:
+    """Console lines: the held-out reward at every evaluation, and first -> last with a paired bootstrap interval."""
+    from cme_jax.judging import bootstrap_ci
+
+    if len(rows) < 1:
+        return []
+    n = len(rows[0]["rewards"])
+    curve = ", ".join(f"{r['step']}: {r['scalars']['heldout/reward/mean']:.3f}" for r in rows)
+    lines = [f"held-out reward ({n} prompts, greedy) by step: {curve}"]
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        diff = np.asarray(last["rewards"]) - np.asarray(first["rewards"])
+        ci = bootstrap_ci(diff, seed=seed) or (float("nan"), float("nan"))
+        kl = last["scalars"].get("heldout/kl")
+        lines.append(
+            f"held-out reward: step {first['step']} {np.mean(first['rewards']):.3f} -> step {last['step']} "
+            f"{np.mean(last['rewards']):.3f}, difference {diff.mean():+.3f} [95% CI {ci[0]:+.3f}, {ci[1]:+.3f}] "
+            f"(paired bootstrap over the {n} prompts; an interval that spans 0 is no evidence of a change)"
+            + (f"; KL to the reference {kl:.4f} nats/token" if kl is not None else "")
+        )
+    return lines
 
 
 def load_run(cfg: TrainConfig) -> Run:
@@ -197,6 +263,11 @@ def load_run(cfg: TrainConfig) -> Run:
             f"only {len(data.train)} training prompts remain after filtering, fewer than train.prompts_per_step="
             f"{cfg.train.prompts_per_step}; use more data or raise data.max_prompt_tokens"
         )
+    if cfg.train.heldout_every and not data.heldout:
+        raise CmeError(
+            "train.heldout_every needs held-out prompts, and none remain after filtering; raise "
+            "data.heldout_fraction or data.max_prompt_tokens"
+        )
     if is_main():  # the input is valid: record it before the (slow) model loads
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +281,8 @@ def load_run(cfg: TrainConfig) -> Run:
     if cfg.model.remat != "none":
         policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, remat=cfg.model.remat))
     ref = None
-    if cfg.grpo.beta > 0:
+    # The held-out evaluation measures KL to the reference, so it loads one even when grpo.beta is 0.
+    if cfg.grpo.beta > 0 or (cfg.train.heldout_every and cfg.model.reference is not None):
         if cfg.model.reference == "policy":
             # Its own buffers: the policy's are donated to the first update.
             ref = jax.tree.map(jnp.copy, compute_params(policy.weights, dtype))
@@ -279,6 +351,7 @@ class Stepper:
             policy=policy,
             rng=reward_rng,
             mesh=run.mesh,
+            skip_unweighted=True,
         )
         t2 = time.perf_counter()
         batch = join_rollout(toks, mask, ro, run.sc.group_size)
@@ -314,6 +387,54 @@ def make_stepper(run: Run, optimizer: Any, ssh: TrainState) -> Stepper:
     stops = np.asarray(stop_token_ids(tok, cfg.model.stop_strings) or [-1], np.int32)
     log("step: one fused jit (sample + score + update)" if device_reward else "step: rollout | host rewards | update")
     return Stepper(run, fns, rows, stops, device_reward, frozen_sh)
+
+
+def start_watchdog(cfg: TrainConfig, start_step: int) -> tuple[Watchdog | None, list[Event]]:
+    """The watchdog with its history rebuilt from metrics.jsonl up to `start_step`, and the events so far.
+
+    Steps after the last checkpoint are re-run and logged again, so their old rows and events are dropped:
+    watchdog.jsonl is rewritten with the replayed events, and the last row logged for a step wins.
+    """
+    if not cfg.watch.enabled:
+        return None, []
+    run_dir = Path(cfg.run_dir)
+    dog = Watchdog(cfg.watch)
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= start_step] if start_step else []
+    _, events = dog.feed(rows)
+    if len(dog.rows) != start_step:
+        log(
+            f"warning: watchdog: {run_dir / 'metrics.jsonl'} holds {len(dog.rows)} of the {start_step} steps before "
+            "the resume; its windows start from those"
+        )
+    if is_main():
+        write_events(run_dir / WATCHDOG_FILE, events, append=False)
+    return dog, events
+
+
+def report_events(run_dir: Path, events: Sequence[Event]) -> None:
+    """One warning line per firing, and its row in watchdog.jsonl."""
+    for e in events:
+        log(f"warning: {e.message}")
+    if events and is_main():
+        write_events(run_dir / WATCHDOG_FILE, events)
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's decision on every process; a collective, so every process must call it at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32))))
+
+
+def stop_message(cfg: TrainConfig, step: int, good: int | None) -> str:
+    """Where the last good policy is, for the run ended by the watchdog at `step`."""
+    head = f"watchdog: stopping at step {step} (train.stop_on_hacking); its final checkpoint is step {step}"
+    if good is None:
+        return f"{head}; none was saved before the warning: the base model {cfg.model.policy} is the last good policy"
+    path = Path(cfg.run_dir) / "checkpoints" / str(good)
+    return f"{head}; the last good checkpoint, saved before the warning, is step {good} ({path})"
 
 
 @dataclasses.dataclass
@@ -372,6 +493,19 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
     stepper = make_stepper(run, optimizer, ssh)
 
     logger = RunLogger(run_dir, cfg.logging, cfg.train.steps, start_step, active=is_main())
+    dog, events = start_watchdog(cfg, start_step)
+    heldout_rows = [r for r in last_row_per_step(read_jsonl(run_dir / HELDOUT_FILE)) if r["step"] <= start_step]
+    every = cfg.train.heldout_every
+
+    def evaluate_heldout(step: int) -> None:
+        row = heldout_eval(run, state.params, step)
+        heldout_rows.append(row)
+        logger.record(HELDOUT_FILE, step, row["scalars"], row)
+
+    if every and start_step == 0:
+        n = min(cfg.train.heldout_prompts, len(run.data.heldout))
+        log(f"held-out evaluation every {every} steps on {n} prompts")
+        evaluate_heldout(0)
     flag = install_preemption_handler()
     preview_prompts = list((run.data.heldout or run.data.train)[:2])
     before = None
@@ -392,8 +526,15 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
             n_tokens = float(np.asarray(ro.lengths).sum())
             metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
             metrics["optim/lr"] = float(schedule((step + 1) * n_updates - 1))
+            fired: list[Event] = []
+            if dog is not None:
+                watch, fired = dog.observe(step + 1, metrics)
+                metrics.update(watch)
             values = logger.scalars(step + 1, metrics)
             logger.progress(step + 1, values, PROGRESS_KEYS)
+            report_events(run_dir, fired)
+            events.extend(fired)
+            stop = cfg.train.stop_on_hacking and agree(bool(fired))
             nonfinite = nonfinite + 1 if values.get("skipped_updates", 0) >= n_updates else 0
             if nonfinite >= cfg.train.max_nonfinite_steps:
                 raise CmeError(
@@ -403,8 +544,16 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
             if cfg.logging.samples_every and (step + 1) % cfg.logging.samples_every == 0:
                 _log_samples(logger, step + 1, texts, ro, run.policy.tokenizer, extra.get("rewards"), cfg)
             meta = {"data": sampler.state_dict(), "config": config_to_dict(cfg), "model_spec": cfg.model.policy}
-            ckpt.save(step + 1, state, meta, force=(step + 1 == end))
+            if stop:
+                ckpt.wait()  # a save still in flight counts as saved before the warning
+                good = ckpt.latest_step()
+            ckpt.save(step + 1, state, meta, force=(step + 1 == end) or stop)
             done = step + 1
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps or stop):
+                evaluate_heldout(step + 1)
+            if stop:
+                log(stop_message(cfg, step + 1, good))
+                break
             if flag.any_process():
                 log(f"termination signal: saving step {step + 1} and stopping")
                 ckpt.save(step + 1, state, meta, force=True)
@@ -413,6 +562,10 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
         ckpt.close()
         logger.close()
         flag.uninstall()
+    for line in heldout_report(heldout_rows, cfg.train.seed):
+        log(line)
+    if dog is not None:
+        log(verdict(events, done))
     if before is not None:
         after = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
         for p, b, a in zip(preview_prompts, before, after):

@@ -284,18 +284,43 @@ def update(
     )
     metrics = aggregate_metrics(totals)
     metrics["skipped_updates"] = totals["skipped_updates"][0]
-    metrics.update(rollout_metrics(batch, rewards_R, adv_R))
+    metrics.update(rollout_metrics(batch, rewards_R, adv_R, G))
     metrics.update({f"adv/{k}": v.astype(jnp.float32) for k, v in adv_stats.items()})
     new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 
 
-def rollout_metrics(batch: UpdateBatch, rewards_R: Array, adv_R: Array) -> dict[str, Array]:
-    """Reward, length and truncation statistics of one rollout batch."""
+def _average_ranks(x_BxG: Array) -> Array:
+    """0-based ranks inside each row, ties sharing their average rank (pairwise: G is small)."""
+    less = (x_BxG[:, None, :] < x_BxG[:, :, None]).sum(-1)
+    equal = (x_BxG[:, None, :] == x_BxG[:, :, None]).sum(-1)
+    return less + 0.5 * (equal - 1)
+
+
+def group_spearman(a_R: Array, b_R: Array, group_size: int) -> Array:
+    """Mean over groups (consecutive blocks of group_size rows) of the Spearman correlation of a and b.
+
+    Groups where a or b is constant have no correlation and are left out; 0 when no group is left.
+    """
+    ranks = [_average_ranks(jnp.asarray(x, jnp.float32).reshape(-1, group_size)) for x in (a_R, b_R)]
+    ca, cb = (r - r.mean(axis=1, keepdims=True) for r in ranks)
+    var_a, var_b = (ca * ca).sum(axis=1), (cb * cb).sum(axis=1)
+    ok = (var_a > 0) & (var_b > 0)
+    rho = (ca * cb).sum(axis=1) / jnp.sqrt(jnp.where(ok, var_a * var_b, 1.0))
+    return jnp.where(ok, rho, 0.0).sum() / jnp.maximum(ok.sum(), 1)
+
+
+def rollout_metrics(batch: UpdateBatch, rewards_R: Array, adv_R: Array, group_size: int) -> dict[str, Array]:
+    """Reward, length and truncation statistics of one rollout batch (rows group-major, `group_size` per group).
+
+    reward/length_spearman, the within-group rank correlation of reward and length, is the watchdog's
+    length-exploitation signal.
+    """
     lengths = batch.lengths.astype(jnp.float32)
     return {
         "reward/mean": jnp.mean(rewards_R),
         "reward/std": jnp.std(rewards_R),
+        "reward/length_spearman": group_spearman(rewards_R, lengths, group_size),
         "response/length_mean": jnp.mean(lengths),
         "response/length_max": jnp.max(lengths),
         "response/truncated_frac": jnp.mean(batch.truncated.astype(jnp.float32)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 
 from cme_jax import evaluate as ev
+from cme_jax.audit import shipped_pairs
 from cme_jax.checkpoint import CheckpointManager
 from cme_jax.errors import CmeError
 from cme_jax.generate import generate_responses
-from cme_jax.judging import IDENTICAL_NOTE, OpenAIJudge, parse_verdict
+from cme_jax.judging import IDENTICAL_NOTE, FunctionJudge, OpenAIJudge, parse_verdict, render_pairwise
 from cme_jax.prompts import DataConfig, load_prompts
 from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
@@ -580,3 +582,236 @@ def test_command_line_bad_input_exit_code(tmp_path):
     assert lines == [
         "error: give exactly one judge: --judge-model SPEC (run locally) or --judge-url URL with --judge-name MODEL"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Likelihood verdicts, judge audit, early stop, automatic-only evaluation
+
+LIKELIHOOD_CASES = [
+    ("What is 2 + 2?", "2 + 2 = 4.", "It is 5."),
+    ("Name a colour.", "Blue.", "A colour is how we see light; blue, red and green are colours, among many others."),
+]
+
+
+def likelihood_conversations():
+    """Both orders of each case, as run_pairwise renders them for a verdict-only judge."""
+    return [render_pairwise(q, a, b, verdict_only=True) for q, a, b in LIKELIHOOD_CASES] + [
+        render_pairwise(q, b, a, verdict_only=True) for q, a, b in LIKELIHOOD_CASES
+    ]
+
+
+def hf_logprobs(hf_model, ids):
+    """float64 log-softmax of transformers' logits at every position of one row."""
+    import torch
+
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1).numpy()
+
+
+REPLY = re.compile(r"\[\[([AB])\]\] \(log p A=(-?[\d.]+), B=(-?[\d.]+)\)")
+
+
+def test_likelihood_judge_matches_transformers(smollm, hf_smollm, gemma):
+    convs = likelihood_conversations()  # 4 conversations of about 200 tokens: one batch of 4
+    judge = ev.local_judge(smollm, verdict="likelihood", batch_size=4)
+    assert judge.verdict_only and "|likelihood|" in judge.judge_id
+    assert judge.judge_id != ev.local_judge(smollm).judge_id  # the two modes never share cached judgments
+    replies = judge.judge(convs)
+    got = np.array([[float(x) for x in REPLY.fullmatch(r).groups()[1:]] for r in replies])
+    tok = smollm.tokenizer
+    for conv, reply, lp in zip(convs, replies, got):
+        text = ev.verdict_prompt(tok, conv)
+        assert text == ev.render_conversation(tok, conv) + "[[" and text.endswith("<|im_start|>assistant\n[[")
+        ids = tok(text)["input_ids"]
+        letters = []
+        for letter in "AB":
+            with_letter = tok(text + letter)["input_ids"]
+            assert with_letter[:-1] == ids  # one token after the prefix
+            letters.append(with_letter[-1])
+        ref = hf_logprobs(hf_smollm, ids)[-1, letters]
+        np.testing.assert_allclose(lp, ref, atol=1e-3)
+        assert parse_verdict(reply) == "AB"[int(np.argmax(ref))]
+    # the same numbers and verdicts in batches of one (left padding, no repeated rows)
+    single = ev.verdict_logprobs(smollm, convs, batch_size=1)
+    np.testing.assert_allclose(single, got, atol=2e-4)
+    assert [ev.likelihood_reply(row)[:5] for row in single] == [r[:5] for r in replies]
+    # the fallback for letters of several tokens: the summed log-prob of each continuation
+    text = ev.verdict_prompt(tok, convs[0])
+    np.testing.assert_allclose(ev.continuation_logprobs(smollm, [text], ["A", "B"], batch_size=2)[0], got[0], atol=2e-4)
+    multi = ev.verdict_logprobs(smollm, convs[:1], letters=("A]]", "B]]"), batch_size=2)
+    ids = tok(text)["input_ids"]
+    for k, cont in enumerate(("A]]", "B]]")):
+        full = tok(text + cont)["input_ids"]
+        assert full[: len(ids)] == ids and len(full) == len(ids) + 2  # "A", "]]": two tokens
+        ref = hf_logprobs(hf_smollm, full)
+        assert multi[0, k] == pytest.approx(ref[len(ids) - 1, full[-2]] + ref[len(ids), full[-1]], abs=1e-3)
+    # a judge without a chat template continues the plain transcript
+    assert ev.verdict_prompt(gemma.tokenizer, convs[0]).endswith("\n\nAssistant: [[")
+    assert ev.likelihood_reply([-0.31, -1.42]) == "[[A]] (log p A=-0.3100, B=-1.4200)"
+    assert parse_verdict(ev.likelihood_reply([-2.0, -0.5])) == "B"
+    with pytest.raises(CmeError, match="not one of generate, likelihood"):
+        ev.local_judge(smollm, verdict="sample")
+
+
+def outputs_file(path: Path, prompts, outputs, generator: str) -> Path:
+    rows = [{"instruction": p.instruction, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def fixed_sides(tmp_path, prompts):
+    """Two policies with fixed outputs (no model loads): the model's answers are the longer ones."""
+    model = outputs_file(
+        tmp_path / "m.json", prompts, [f"a longer answer, number {i}" for i in range(len(prompts))], "m"
+    )
+    base = outputs_file(tmp_path / "b.json", prompts, ["short"] * len(prompts), "b")
+    return model, base
+
+
+def counting(judge: FunctionJudge) -> tuple[FunctionJudge, list]:
+    """The judge with every conversation it is asked recorded."""
+    asked: list = []
+    inner = judge.fn
+    judge.fn = lambda convs: asked.extend(convs) or inner(convs)
+    return judge, asked
+
+
+def instruction_of(messages) -> str:
+    return re.search(r"<instruction>\n(.*?)\n</instruction>", messages[1]["content"], re.S).group(1)
+
+
+def test_judge_audit_in_evaluation(tmp_path, prompts):
+    model_file, base_file = fixed_sides(tmp_path, prompts)
+    pairs = shipped_pairs()[:6]
+    chosen = {p.chosen for p in pairs}
+
+    def sides():
+        return ev.load_policy(str(model_file)), ev.load_policy(str(base_file))
+
+    out = tmp_path / "eval"
+    kw = dict(audit_pairs=6, retries_unparsed=0, progress=False)
+    always_a, asked = counting(FunctionJudge(lambda c: ["[[A]]"] * len(c), judge_id="always-a"))
+    results = ev.evaluate(*sides(), prompts, always_a, out, **kw)
+    check_results(out, results, N_PROMPTS)
+    audit = results["judge_audit"]
+    assert (audit["pairs"], audit["n"], audit["unparsed"]) == (6, 6, 0)
+    assert audit["accuracy"] == 0.5 and (audit["ci95_low"], audit["ci95_high"]) == (0.5, 0.5)
+    assert audit["position_consistency"] == 0.0 and audit["first_position_rate"] == 1.0
+    assert results["win_rate_tie_adjusted"] == 0.5  # every pair a split verdict
+    # the audit ran first, through the same cache
+    assert [instruction_of(m) for m in asked[:12]] == [p.prompt for p in pairs for _ in range(2)]
+    assert {instruction_of(m) for m in asked[12:]} == {p.instruction for p in prompts} and len(asked) == 18
+    assert len((out / "judge_cache.jsonl").read_text().splitlines()) == 18
+    lines = (out / "report.md").read_text().splitlines()
+    audit_line = next(i for i, x in enumerate(lines) if x.startswith("**Judge audit:**"))
+    assert lines[audit_line - 2].startswith("Judged in both orders") and lines[audit_line + 2] == "| metric | value |"
+    assert "judge accuracy on 6 shipped preference pairs" in lines[audit_line]
+    assert "**50.0%** [50.0%, 50.0%]" in lines[audit_line] and "position consistency 0.0%" in lines[audit_line]
+    assert "cannot reliably tell a better answer from a worse one" in lines[audit_line]
+    # a rerun asks nothing
+    asked.clear()
+    assert ev.evaluate(*sides(), prompts, always_a, out, **kw) == results and asked == []
+
+    def knows_chosen(convs):
+        return ["[[A]]" if re.search(r"<response_a>\n(.*?)\n</response_a>", m[1]["content"], re.S).group(1) in chosen
+                else "[[B]]" for m in convs]  # fmt: skip
+
+    perfect = FunctionJudge(knows_chosen, judge_id="knows-chosen")
+    good = ev.evaluate(*sides(), prompts, perfect, tmp_path / "eval2", **kw)
+    assert good["judge_audit"]["accuracy"] == 1.0 and good["judge_audit"]["position_consistency"] == 1.0
+    report = (tmp_path / "eval2" / "report.md").read_text()
+    assert "**100.0%** [100.0%, 100.0%]" in report and "a judge near 50% cannot separate the policies" in report
+    # an audit computed once elsewhere is written as given, without asking the judge about the pairs again
+    reused, asked = counting(FunctionJudge(lambda c: ["[[B]]"] * len(c), judge_id="always-b"))
+    again = ev.evaluate(*sides(), prompts, reused, tmp_path / "eval3", audit=good["judge_audit"], progress=False)
+    assert again["judge_audit"] == good["judge_audit"] and len(asked) == 2 * N_PROMPTS
+    with pytest.raises(CmeError, match="between 0 and 48"):
+        ev.evaluate(*sides(), prompts, reused, tmp_path / "eval4", audit_pairs=49, progress=False)
+    with pytest.raises(CmeError, match="needs a judge"):
+        ev.evaluate(*sides(), prompts, None, tmp_path / "eval4", audit_pairs=2, progress=False)
+
+
+def test_evaluation_stops_early_on_an_unusable_judge(tmp_path):
+    prompts = [ev.EvalPrompt(f"Question number {i}?") for i in range(12)]
+    model_file, base_file = fixed_sides(tmp_path, prompts)
+    out = tmp_path / "eval"
+    mute, asked = counting(FunctionJudge(lambda c: ["I like both."] * len(c), judge_id="mute"))
+    with pytest.raises(CmeError) as e:
+        ev.evaluate(
+            ev.load_policy(str(model_file)), ev.load_policy(str(base_file)), prompts, mute, out,
+            retries_unparsed=1, progress=False,
+        )  # fmt: skip
+    msg = str(e.value)
+    assert "\n" not in msg and "8 of the first 8 pairs" in msg and "--judge-verdict likelihood" in msg
+    assert f"32 finished judgments are cached in {out / 'judge_cache.jsonl'}" in msg and "resume" not in msg
+    assert len(asked) == 8 * 2 * 2 and {instruction_of(m) for m in asked} == {p.instruction for p in prompts[:8]}
+    assert len((out / "judge_cache.jsonl").read_text().splitlines()) == 32
+    assert not (out / "results.json").exists()
+    # the audit stops the same way, before any evaluation pair is asked
+    asked.clear()
+    with pytest.raises(CmeError, match="8 of the first 8 pairs"):
+        ev.evaluate(
+            ev.load_policy(str(model_file)), ev.load_policy(str(base_file)), prompts, mute, tmp_path / "audited",
+            retries_unparsed=0, audit_pairs=20, progress=False,
+        )  # fmt: skip
+    assert len(asked) == 16 and {instruction_of(m) for m in asked} == {p.prompt for p in shipped_pairs()[:8]}
+
+
+def test_no_judge_end_to_end(tmp_path, prompts, capsys):
+    model_file, base_file = fixed_sides(tmp_path, prompts[:2])
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"instruction": p.instruction}) + "\n" for p in prompts[:2]))
+    out = tmp_path / "eval"
+    # an earlier judged run in the same OUT: its judgments must not outlive it
+    judge = FunctionJudge(lambda c: ["[[A]]"] * len(c), judge_id="always-a")
+    ev.evaluate(
+        ev.load_policy(str(model_file)), ev.load_policy(str(base_file)), prompts[:2], judge, out, progress=False
+    )
+    assert (out / "judgments.jsonl").is_file() and (out / "report.png").is_file()
+    argv = ["--model", str(model_file), "--baseline", str(base_file), "--prompts", str(prompt_file)]
+    ev.main([*argv, "--no-judge", "--out", str(out)])
+    results = read_json(out / "results.json")
+    assert results["judge"] is None and results["model"] == "m" and results["baseline"] == "b"
+    for key in ("win_rate_tie_adjusted", "n", "wins", "judge_audit"):
+        assert key not in results
+    assert results["prompts"] == {"source": str(prompt_file), "count": 2}
+    auto = results["automatic"]
+    model_out = check_outputs(out, prompts[:2], "model", "m")
+    assert auto["model"]["distinct_2"] == pytest.approx(distinct_2(model_out))
+    assert auto["model"]["mean_length_characters"] == pytest.approx(np.mean([len(t) for t in model_out]))
+    report = (out / "report.md").read_text()
+    assert report.startswith("# m vs b\n") and "No judge was run" in report and "## Automatic metrics" in report
+    assert "win rate of" not in report
+    assert not (out / "judgments.jsonl").exists() and not (out / "report.png").exists()
+    assert "no judge, automatic metrics only" in capsys.readouterr().err
+
+
+def test_judge_flags_are_one_line_errors(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi?"}\n')
+    base = ["--model", "x", "--baseline", "y", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    url = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-name", "j", "--judge-no-key"]
+    local = ["--judge-model", "smollm2-135m-instruct"]
+
+    def fails(*argv: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            ev.main([*base, *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    assert "exclude each other" in fails("--no-judge", *local)
+    assert "exclude each other" in fails("--no-judge", "--judge-url", "http://127.0.0.1:9/v1")
+    assert "--judge-audit needs a judge" in fails("--no-judge", "--judge-audit", "4")
+    assert "--judge-verdict needs a judge" in fails("--no-judge", "--judge-verdict", "likelihood")
+    assert "--judge-max-tokens needs a judge" in fails("--no-judge", "--judge-max-tokens", "3")
+    assert "--judge-no-key needs a judge" in fails("--no-judge", "--judge-no-key")
+    assert "needs a local judge (--judge-model)" in fails(*url, "--judge-verdict", "likelihood")
+    assert "must be one of generate, likelihood" in fails(*local, "--judge-verdict", "maybe")
+    assert "goes with --judge-verdict generate" in fails(
+        *local, "--judge-verdict", "likelihood", "--judge-max-tokens", "4"
+    )
+    assert "between 0 and 48" in fails(*url, "--judge-audit", "49")
+    assert "between 0 and 48" in fails(*local, "--judge-audit", "-1")

@@ -18,18 +18,25 @@ import types
 import numpy as np
 import pytest
 
+from cme_jax.audit import PreferencePair, shipped_pairs
 from cme_jax.errors import CmeError
 from cme_jax.judging import (
+    EARLY_STOP_PAIRS,
     IDENTICAL_NOTE,
     JUDGE_SYSTEM,
+    JUDGE_SYSTEM_VERDICT,
     UNPARSED_FOLLOWUP,
     FunctionJudge,
     JudgmentCache,
     OpenAIJudge,
     PairItem,
+    UnusableJudgeError,
+    audit_sentence,
     bootstrap_ci,
+    cache_key,
     combine,
     judge_and_report,
+    judge_audit,
     pair_items,
     parse_verdict,
     read_model_outputs,
@@ -483,6 +490,192 @@ def test_cache_key_depends_on_judge():
     other = FunctionJudge(lambda c: calls.extend(c) or ["[[C]]"] * len(c), judge_id="another-judge")
     assert run_pairwise(items, other, cache)[0].outcome == "tie"
     assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------- verdict-only prompts
+
+
+def test_verdict_only_judge_gets_the_verdict_prompt():
+    seen = []
+
+    def fn(convs):
+        seen.extend(convs)
+        return [prefer_longer(m) for m in convs]
+
+    items = [PairItem("q", "long answer", "s")]
+    records = run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JudgmentCache(None))
+    assert records[0].outcome == "win" and len(seen) == 2
+    assert seen[0] == render_pairwise("q", "long answer", "s", verdict_only=True)
+    assert seen[1] == render_pairwise("q", "s", "long answer", verdict_only=True)
+    system, user = seen[0][0]["content"], seen[0][1]["content"]
+    assert system == JUDGE_SYSTEM_VERDICT != JUDGE_SYSTEM and system.endswith("Give your verdict only.")
+    assert "[[A]] if response A is better, [[B]] if response B is better." in user
+    assert "[[C]]" not in user and "reasoning" not in user
+    assert _outputs(seen[0]) == ("long answer", "s")
+    # an explicit verdict_only=False overrides the judge's attribute: the usual prompt, another cache key
+    seen.clear()
+    run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JudgmentCache(None), verdict_only=False)
+    assert seen[0] == render_pairwise("q", "long answer", "s") and seen[0][0]["content"] == JUDGE_SYSTEM
+    assert cache_key("v", seen[0]) != cache_key("v", render_pairwise("q", "long answer", "s", verdict_only=True))
+
+
+# ----------------------------------------------------------------------------- early stop
+
+
+def _instruction(messages) -> str:
+    return re.search(r"<instruction>\n(.*?)\n</instruction>", messages[1]["content"], re.S).group(1)
+
+
+def test_early_stop_on_a_judge_that_never_gives_a_verdict(tmp_path):
+    items = [PairItem(f"q{i}", f"model answer {i}", "base") for i in range(20)]
+    asked = []
+
+    def fn(convs):
+        asked.extend(convs)
+        return ["Both responses have their merits."] * len(convs)
+
+    path = tmp_path / "cache.jsonl"
+    judge = FunctionJudge(fn, "never-decides", batch_size=4)
+    with pytest.raises(UnusableJudgeError) as e:
+        run_pairwise(items, judge, JudgmentCache(path), retries_unparsed=2, early_stop=8)
+    msg = str(e.value)
+    assert isinstance(e.value, CmeError) and "\n" not in msg
+    assert "no parseable verdict on 8 of the first 8 pairs" in msg and "before the other 12" in msg
+    assert "never-decides" in msg and "--judge-url" in msg and "--judge-verdict likelihood" in msg
+    # only the first 8 pairs were asked: 2 orders x (1 + 2 follow-ups) each, every reply cached
+    assert len(asked) == 8 * 2 * 3
+    assert {_instruction(m) for m in asked} == {f"q{i}" for i in range(8)}
+    assert len(JudgmentCache(path)) == 48
+    # a rerun stops the same way from the cache, asking nothing
+    asked.clear()
+    with pytest.raises(UnusableJudgeError):
+        run_pairwise(items, judge, JudgmentCache(path), retries_unparsed=2, early_stop=8)
+    assert asked == []
+    # off (the default), or no more items than the probe: every pair is judged and reported as unparsed
+    assert all(r.outcome == "unparsed" for r in run_pairwise(items[:8], judge, JudgmentCache(path), early_stop=8))
+    asked.clear()
+    records = run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=0)
+    assert len(asked) == 40 and all(r.outcome == "unparsed" for r in records)
+    with pytest.raises(CmeError, match="early_stop must be >= 0"):
+        run_pairwise(items, judge, JudgmentCache(None), early_stop=-1)
+
+
+@pytest.mark.parametrize(("bad", "stops"), [(4, False), (5, True)])
+def test_early_stop_needs_more_than_half_unparsed(bad, stops):
+    """Exactly half of the first K unparsed goes on; one more stops. Later pairs never count."""
+    items = [PairItem(f"{'BAD ' if i < bad or i >= 8 else ''}q{i}", "long answer", "short") for i in range(12)]
+    asked = []
+
+    def fn(convs):
+        asked.extend(convs)
+        return ["No idea." if _instruction(m).startswith("BAD") else prefer_longer(m) for m in convs]
+
+    judge = FunctionJudge(fn, "half")
+    if stops:
+        with pytest.raises(UnusableJudgeError, match=f"on {bad} of the first 8 pairs"):
+            run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=1, early_stop=8)
+        assert len(asked) == 8 * 2 + bad * 2
+    else:
+        records = run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=1, early_stop=8)
+        assert [r.outcome for r in records] == ["unparsed"] * 4 + ["win"] * 4 + ["unparsed"] * 4
+        assert len(asked) == 12 * 2 + 8 * 2
+
+
+# ----------------------------------------------------------------------------- judge audit
+
+
+def always_a_judge() -> FunctionJudge:
+    return FunctionJudge(lambda convs: ["Final verdict: [[A]]"] * len(convs), judge_id="always-a")
+
+
+def chosen_judge(pairs) -> FunctionJudge:
+    """Picks whichever response is a chosen text of `pairs`: a perfect judge of them."""
+    chosen = {p.chosen for p in pairs}
+
+    def fn(convs):
+        return ["[[A]]" if _outputs(m)[0] in chosen else "[[B]]" for m in convs]
+
+    return FunctionJudge(fn, judge_id="knows-chosen")
+
+
+def test_judge_audit_hand_computed(tmp_path):
+    pairs = shipped_pairs()[:6]
+    asked = []
+    judge = always_a_judge()
+    inner = judge.fn
+    judge.fn = lambda convs: asked.extend(convs) or inner(convs)
+    cache = JudgmentCache(tmp_path / "cache.jsonl")
+    a = judge_audit(judge, pairs, cache)
+    # always [[A]]: chosen wins when shown first, loses when shown second -> every pair a split (0.5)
+    assert (a["pairs"], a["n"], a["unparsed"]) == (6, 6, 0)
+    assert a["accuracy"] == 0.5 and (a["ci95_low"], a["ci95_high"]) == (0.5, 0.5)
+    assert (a["accuracy_chosen_first"], a["accuracy_chosen_second"]) == (1.0, 0.0)
+    assert a["position_consistency"] == 0.0 and a["first_position_rate"] == 1.0
+    assert a["judge"] == "always-a" and a["source"] == "builtin:preference_pairs"
+    # chosen plays the model: order 1 shows chosen as A
+    assert _outputs(asked[0]) == (pairs[0].chosen, pairs[0].rejected) and _instruction(asked[0]) == pairs[0].prompt
+    assert _outputs(asked[1]) == (pairs[0].rejected, pairs[0].chosen)
+    assert len(asked) == 12 and len(cache) == 12
+    assert judge_audit(judge, pairs, cache) == a and len(asked) == 12  # cached: nothing asked again
+
+    perfect = judge_audit(chosen_judge(pairs), pairs, JudgmentCache(None))
+    assert perfect["accuracy"] == 1.0 and (perfect["ci95_low"], perfect["ci95_high"]) == (1.0, 1.0)
+    assert perfect["accuracy_chosen_first"] == perfect["accuracy_chosen_second"] == 1.0
+    assert perfect["position_consistency"] == 1.0 and perfect["first_position_rate"] == 0.5
+
+    # the longer answer wins, equal lengths tie: a win, a loss and a tie, all consistent
+    mixed = [
+        PreferencePair("p0", "a long chosen answer", "short"),
+        PreferencePair("p1", "terse", "a long rejected answer"),
+        PreferencePair("p2", "abcd", "wxyz"),
+    ]
+    m = judge_audit(longer_wins_judge(), mixed, JudgmentCache(None))
+    assert m["accuracy"] == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3
+    assert m["accuracy_chosen_first"] == pytest.approx(0.5) and m["accuracy_chosen_second"] == pytest.approx(0.5)
+    assert m["position_consistency"] == 1.0 and m["first_position_rate"] == 0.5  # 2 of 4 decisive verdicts
+    assert m["ci95_low"] < 0.5 < m["ci95_high"]
+    json.dumps(a)
+    with pytest.raises(CmeError, match="at least one preference pair"):
+        judge_audit(judge, [], JudgmentCache(None))
+
+
+def test_judge_audit_stops_early_on_an_unusable_judge():
+    asked = []
+    judge = FunctionJudge(lambda c: asked.extend(c) or ["Hmm."] * len(c), judge_id="mute")
+    with pytest.raises(UnusableJudgeError, match="8 of the first 8 pairs"):
+        judge_audit(judge, shipped_pairs(), JudgmentCache(None), retries_unparsed=1)
+    assert len(asked) == EARLY_STOP_PAIRS * 2 * 2
+
+
+def test_audit_in_results_and_report(tmp_path):
+    pairs = shipped_pairs()[:6]
+    items = [PairItem("q0", "long model answer", "short"), PairItem("q1", "abc", "xyz")]
+    records = run_pairwise(items, longer_wins_judge(), JudgmentCache(None))
+    summary = summarize_records(records)
+    weak = judge_audit(always_a_judge(), pairs, JudgmentCache(None))
+    write_results(tmp_path, records, summary, "m", "b", judge_id="prefer-longer", audit=weak)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["judge_audit"] == weak and results["win_rate_tie_adjusted"] == 0.75
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    audit_line = next(i for i, x in enumerate(lines) if x.startswith("**Judge audit:**"))
+    rate_line = next(i for i, x in enumerate(lines) if x.startswith("Judged in both orders"))
+    table = lines.index("| metric | value |")
+    assert rate_line < audit_line < table  # read right after the win rate
+    text = lines[audit_line]
+    assert "judge accuracy on 6 shipped preference pairs" in text and "**50.0%** [50.0%, 50.0%]" in text
+    assert "position consistency 0.0%" in text and "first-shown answer in 100.0%" in text
+    assert "cannot reliably tell a better answer from a worse one" in text
+
+    good = judge_audit(chosen_judge(pairs), pairs, JudgmentCache(None))
+    write_results(tmp_path, records, summary, "m", "b", judge_id="prefer-longer", audit=good)
+    text = (tmp_path / "report.md").read_text()
+    assert "**100.0%** [100.0%, 100.0%]" in text and "position consistency 100.0%" in text
+    assert "a judge near 50% cannot separate the policies" in text and "cannot reliably" not in text
+    # without an audit nothing changes
+    write_results(tmp_path, records, summary, "m", "b")
+    assert "judge_audit" not in json.loads((tmp_path / "results.json").read_text())
+    assert "Judge audit" not in (tmp_path / "report.md").read_text()
+    assert "no usable verdict" in audit_sentence({"n": 0, "pairs": 4, "source": "builtin:preference_pairs"})
 
 
 # ----------------------------------------------------------------------------- HTTP server

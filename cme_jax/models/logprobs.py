@@ -24,6 +24,23 @@ def chunk_length(batch: int, length: int, vocab: int, budget: int = DEFAULT_CHUN
     return int(max(1, min(length, budget // max(1, batch * vocab))))
 
 
+def _over_chunks(fn, arrays_BxM: tuple[Array, ...], c: int) -> dict[str, Array]:
+    """Apply fn to sequence chunks of length c of [B, M, ...] arrays with a scan; outputs [B, M] each."""
+    B, M = arrays_BxM[0].shape[:2]
+    n = -(-M // c)
+    pad = n * c - M
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(B, n, c, *x.shape[2:]).swapaxes(0, 1)
+
+    def body(_, xs):
+        return None, fn(*xs)
+
+    _, out = jax.lax.scan(body, None, tuple(split(x) for x in arrays_BxM))
+    return {k: v.swapaxes(0, 1).reshape(B, n * c)[:, :M] for k, v in out.items()}
+
+
 def hidden_token_stats(
     weights: Weights,
     cfg: ModelConfig,
@@ -39,15 +56,7 @@ def hidden_token_stats(
     Returns float32 [B, M] arrays: `logp` (log p(target)); with entropy=True also `entropy`
     (H(p)) and `mean_logp` (mean over the vocabulary of log p, for self-certainty).
     """
-    B, M, D = h_BxMxD.shape
-    V = cfg.vocab_size
-    c = chunk_length(B, M, V, chunk_budget)
-    n = -(-M // c)
-    pad = n * c - M
-    h = jnp.pad(h_BxMxD, ((0, 0), (0, pad), (0, 0)))
-    tgt = jnp.pad(targets_BxM, ((0, 0), (0, pad)))
-    h_nxBxcxD = h.reshape(B, n, c, D).transpose(1, 0, 2, 3)
-    tgt_nxBxc = tgt.reshape(B, n, c).transpose(1, 0, 2)
+    B, M, _ = h_BxMxD.shape
     head_VxD = lm_head(weights)
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
 
@@ -65,12 +74,9 @@ def hidden_token_stats(
             out["mean_logp"] = jnp.mean(logits, axis=-1) - lse
         return out
 
-    def body(_, xs):
-        return None, chunk(*xs)
-
     with jax.named_scope("token_stats"):
-        _, stats = jax.lax.scan(body, None, (h_nxBxcxD, tgt_nxBxc))
-    return {k: v.transpose(1, 0, 2).reshape(B, n * c)[:, :M] for k, v in stats.items()}
+        c = chunk_length(B, M, cfg.vocab_size, chunk_budget)
+        return _over_chunks(chunk, (h_BxMxD, targets_BxM), c)
 
 
 def token_stats(
@@ -130,3 +136,50 @@ def token_logprobs(
         temperature=temperature,
         chunk_budget=chunk_budget,
     )["logp"]
+
+
+def token_kl(
+    weights_p: Weights,
+    weights_q: Weights | None,
+    cfg: ModelConfig,
+    tokens_BxT: Array,
+    mask_BxT: Array,
+    *,
+    start: int,
+    chunk_budget: int = DEFAULT_CHUNK_ELEMENTS,
+) -> dict[str, Array]:
+    """Entropy of p and exact KL(p || q) over the whole vocabulary at each position predicting tokens[:, start:].
+
+    p and q are two weight sets of one architecture (a trained policy and its base); without q only the
+    entropy is computed. Float32 [B, T - start] arrays `entropy` (and `kl`), zero where masked; logits are
+    chunked like `token_stats`.
+    """
+    if not 1 <= start < tokens_BxT.shape[1]:
+        raise ValueError(f"start must be in [1, {tokens_BxT.shape[1]}), got {start}")
+    positions = default_positions(mask_BxT)
+    models = [weights_p] if weights_q is None else [weights_p, weights_q]
+    hidden = tuple(forward_hidden(w, cfg, tokens_BxT, positions, mask_BxT)[0][:, start - 1 : -1] for w in models)
+    heads = [lm_head(w) for w in models]
+
+    def chunk(*h_BxcxD):
+        logs = [
+            jax.nn.log_softmax(
+                _softcap(jnp.einsum("bcd,vd->bcv", h, head, preferred_element_type=jnp.float32), cfg.final_softcap)
+            )
+            for h, head in zip(h_BxcxD, heads)
+        ]
+        p = jnp.exp(logs[0])
+        out = {"entropy": -jnp.sum(p * logs[0], axis=-1)}
+        if len(logs) == 2:
+            out["kl"] = jnp.sum(p * (logs[0] - logs[1]), axis=-1)
+        return out
+
+    B, T = tokens_BxT.shape
+    # Each model's [B, c, V] float32 log-softmax lives at once: the chunk budget is shared between them.
+    c = chunk_length(B, T - start, cfg.vocab_size, max(1, chunk_budget // len(models)))
+    stats = _over_chunks(chunk, hidden, c)
+    m = mask_BxT[:, start:].astype(jnp.float32)
+    return {k: v * m for k, v in stats.items()}
+
+
+token_kl_jit = jax.jit(token_kl, static_argnames=("cfg", "start", "chunk_budget"))
