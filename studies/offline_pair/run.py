@@ -350,7 +350,11 @@ def curves(summaries: Sequence[Mapping[str, Any]], results: Path, path: Path) ->
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     panels = [
-        ("training rollouts: plain CME (5-step mean)", lambda v: f"cme/{v}/mean", False),
+        (
+            "training reward: change from the first 10 steps (5-step mean)",
+            lambda v: "reward/mean",
+            False,
+        ),
         ("held-out prompts, greedy: plain CME", lambda v: f"heldout/cme/{v}/mean", True),
         ("training rollouts: response length (tokens)", lambda v: "response/length_mean", False),
         ("training rollouts: distinct-2", lambda v: "response/distinct_2", False),
@@ -365,6 +369,8 @@ def curves(summaries: Sequence[Mapping[str, Any]], results: Path, path: Path) ->
             if not pts:
                 continue
             x, y = map(np.asarray, zip(*pts))
+            if key == "reward/mean":  # rewards of different arms live on different scales: show their change
+                y = y - y[:10].mean()
             if not sparse and len(y) >= 5:
                 y = np.convolve(y, np.ones(5) / 5, mode="valid")
                 x = x[4:]
@@ -448,10 +454,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         say(f"{arm}: done in {timing['train'] + timing['evaluate']:.0f} s (train {timing['train']:.0f} s)")
         write_report(args.results, args.arms)
         if args.commit:
-            commit(
-                [out, args.results / "table.md", args.results / "curves.png", HERE / "README.md"],
-                f"Offline study: arm {arm}",
-            )
+            shared_files = [args.results / f for f in ("table.md", "curves.png", "eval_prompts.jsonl", "judge.json")]
+            commit([out, *shared_files, HERE / "README.md"], f"Offline study: arm {arm}")
     write_report(args.results, args.arms)
 
 
