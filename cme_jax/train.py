@@ -223,6 +223,26 @@ def heldout_eval(run: Run, params: Any, step: int) -> dict[str, Any]:
     }
 
 
+def reward_curve(rows: Sequence[dict[str, Any]], key: str = "reward/mean") -> str:
+    """The training reward of every step as one console line (the evidence when nothing else moved)."""
+    values = [f"{r[key]:.2f}" if r.get(key) is not None else "nan" for r in rows]
+    return f"training reward by step ({len(values)} steps, {key}): " + " ".join(values)
+
+
+def changed_responses(first: dict[str, Any], last: dict[str, Any], shown: int = 2) -> list[str]:
+    """Before/after greedy responses of held-out prompts, preferring those that training changed."""
+    pairs = list(zip(first["prompts"], first["responses"], last["responses"]))
+    changed = [p for p in pairs if p[1].strip() != p[2].strip()]
+    head = (
+        f"greedy responses changed on {len(changed)} of {len(pairs)} held-out prompts between step "
+        f"{first['step']} and step {last['step']}"
+    )
+    lines = [head + (":" if changed else "; two of them:")]
+    for prompt, b, a in (changed or pairs)[:shown]:
+        lines.append(f"\nprompt: {prompt}\n  before: {b.strip()[:300]}\n  after:  {a.strip()[:300]}")
+    return lines
+
+
 def heldout_report(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[str]:
     """Console lines: the held-out reward at every evaluation, and first -> last with a paired bootstrap interval."""
     from cme_jax.judging import bootstrap_ci
@@ -240,8 +260,8 @@ def heldout_report(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[str]:
         lines.append(
             f"held-out reward: step {first['step']} {np.mean(first['rewards']):.3f} -> step {last['step']} "
             f"{np.mean(last['rewards']):.3f}, difference {diff.mean():+.3f} [95% CI {ci[0]:+.3f}, {ci[1]:+.3f}] "
-            f"(paired bootstrap over the {n} prompts; an interval that spans 0 is no evidence of a change)"
-            + (f"; KL to the reference {kl:.4f} nats/token" if kl is not None else "")
+            f"(paired bootstrap over the {n} prompts, optimistic with few prompts; an interval that spans 0 is no "
+            "evidence of a change)" + (f"; KL to the reference {kl:.4f} nats/token" if kl is not None else "")
         )
     return lines
 
@@ -509,7 +529,8 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
     flag = install_preemption_handler()
     preview_prompts = list((run.data.heldout or run.data.train)[:2])
     before = None
-    if start_step == 0 and cfg.logging.preview_tokens:
+    # With held-out evaluation on, its first and last greedy responses are the before/after preview.
+    if start_step == 0 and cfg.logging.preview_tokens and not every:
         before = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
     n_updates = cfg.train.num_iterations * cfg.train.minibatches
     nonfinite = 0
@@ -562,6 +583,8 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
         ckpt.close()
         logger.close()
         flag.uninstall()
+    if done > start_step:
+        log(reward_curve(last_row_per_step(read_metrics(run_dir))))
     for line in heldout_report(heldout_rows, cfg.train.seed):
         log(line)
     if dog is not None:
@@ -570,6 +593,9 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
         after = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
         for p, b, a in zip(preview_prompts, before, after):
             log(f"\nprompt: {p}\n  before: {b.strip()[:300]}\n  after:  {a.strip()[:300]}")
+    elif len(heldout_rows) >= 2 and cfg.logging.preview_tokens:
+        for line in changed_responses(heldout_rows[0], heldout_rows[-1]):
+            log(line)
     log(f"\nrun directory: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
     return TrainResult(run_dir, state, done)
 

@@ -152,3 +152,27 @@ def test_score_forms_cache_skips_scored_rows(gemma, tmp_path):
     other = Verifier.from_model(VerifierConfig("gemma3-270m", context="plain", template="{prompt}"), gemma)
     score_forms(other, prompts[:1], texts[:1], cache=cache, batch_size=1)
     assert len(cache) == 6  # another template is another verifier: nothing is shared
+
+
+def test_likelihood_reply_with_a_bias():
+    assert ev.likelihood_reply([-1.0, -2.0]).startswith("[[A]]")  # log-odds +1 > 0
+    assert ev.likelihood_reply([-1.0, -2.0], bias=1.5).startswith("[[B]]")  # +1 is below this judge's A-preference
+    assert ev.likelihood_reply([-1.0, -2.0], bias=0.5) == "[[A]] (log p A=-1.0000, B=-2.0000; bias 0.5000)"
+    assert ev.likelihood_reply([-3.0, -2.0], bias=-1.5).startswith("[[A]]")  # -1 > -1.5
+
+
+def test_likelihood_bias_splits_verdicts_evenly(smollm, tmp_path):
+    from cme_jax.audit import shipped_pairs
+    from cme_jax.judging import run_pairwise, summarize_records
+
+    pairs = shipped_pairs()[:3]
+    bias = ev.likelihood_bias(smollm, pairs, batch_size=6)
+    plain = ev.local_judge(smollm, verdict="likelihood", batch_size=6)
+    calibrated = ev.local_judge(smollm, verdict="likelihood", batch_size=6, bias=bias)
+    assert plain.judge_id != calibrated.judge_id and f"bias={bias:.6f}" in calibrated.judge_id
+    items = [ev.PairItem(p.prompt, p.chosen, p.rejected) for p in pairs]
+    before = summarize_records(run_pairwise(items, plain, JudgmentCache(None)))
+    after = summarize_records(run_pairwise(items, calibrated, JudgmentCache(None)))
+    assert before["first_position_rate"] == 1.0  # uncalibrated, this small judge answers A to everything
+    # 6 conversations (3 pairs, both orders): the median splits them 3 A / 3 B, whatever the answers say.
+    assert after["first_position_rate"] == pytest.approx(0.5)
