@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import random
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -48,12 +47,20 @@ from typing import Any, Literal, get_args
 import jax
 import numpy as np
 
+from cme_jax.cli import add_verifier_args, verifier_reward
 from cme_jax.errors import CmeError, cli_main
+from cme_jax.files import iter_jsonl, read_records
 from cme_jax.judging import JudgmentCache, bootstrap_ci
-from cme_jax.rewards import RewardConfig, zscore_groups
+from cme_jax.rewards import (
+    RewardInputs,
+    VerifierForms,
+    cme_config,
+    combine_host,
+    text_forms,
+    with_form,
+)
 from cme_jax.rewrites import REWRITES, apply_rewrite
-from cme_jax.scoring import Verifier, VerifierConfig, VerifierScores, check_finite, load_verifier, score_texts
-from cme_jax.tokens import DEFAULT_PLAIN_TEMPLATE
+from cme_jax.scoring import Verifier, VerifierConfig, load_verifier
 
 Form = Literal["plain", "contrastive"]
 FORMS: tuple[Form, ...] = get_args(Form)
@@ -129,18 +136,12 @@ def _usable(pair: PreferencePair) -> bool:
     return all(t.strip() for t in (pair.prompt, pair.chosen, pair.rejected))
 
 
-def _jsonl_pairs(lines: Sequence[str], where: str) -> list[PreferencePair]:
+def _records_pairs(records: Iterable[tuple[str, dict[str, Any]]]) -> list[PreferencePair]:
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CmeError(f"{where}:{n} is not valid JSON ({e.msg})") from None
-        pair = pair_from_record(record, f"{where}:{n}")
+    for where, record in records:
+        pair = pair_from_record(record, where)
         if not _usable(pair):
-            raise CmeError(f"{where}:{n} has an empty prompt, chosen or rejected text; fill it in or drop the line")
+            raise CmeError(f"{where} has an empty prompt, chosen or rejected text; fill it in or drop the line")
         pairs.append(pair)
     return pairs
 
@@ -148,19 +149,12 @@ def _jsonl_pairs(lines: Sequence[str], where: str) -> list[PreferencePair]:
 def shipped_pairs() -> list[PreferencePair]:
     """The preference pairs shipped with cme_jax: general prompts, each with a good and a flawed answer."""
     text = resources.files("cme_jax.data").joinpath("preference_pairs.jsonl").read_text(encoding="utf-8")
-    return _jsonl_pairs(text.splitlines(), SHIPPED_SOURCE)
+    return _records_pairs(iter_jsonl(text.splitlines(), SHIPPED_SOURCE))
 
 
 def read_pairs_file(path: str | Path) -> list[PreferencePair]:
-    """Pairs from a JSONL file (one record per line; see `pair_from_record`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CmeError(f"pairs file {path} does not exist; give a .jsonl file with prompt, chosen and rejected")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CmeError(f"pairs file {path} is not UTF-8 text; give a .jsonl file") from None
-    return _jsonl_pairs(lines, str(path))
+    """Pairs from a JSONL (or JSON list) file: one record each, see `pair_from_record`."""
+    return _records_pairs(read_records(path, "pairs file"))
 
 
 def load_hub_pairs(name: str, split: str, limit: int | None = None) -> list[PreferencePair]:
@@ -282,66 +276,6 @@ def make_rewrites(pairs: Sequence[PreferencePair], kinds: Sequence[str] = KINDS,
     return out
 
 
-def _score_key(verifier: Verifier, prompt: str, text: str, stopped: bool) -> str:
-    """Cache key of one scored row: everything in the verifier's config that changes its scores, and the row."""
-    vc = verifier.config
-    ident = {k: getattr(vc, k) for k in ("model", "context", "template", "max_length", "score_eos", "dtype")}
-    blob = json.dumps({"verifier": ident, "prompt": prompt, "text": text, "stopped": stopped}, sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _score_unique(
-    verifier: Verifier,
-    prompts: Sequence[str],
-    texts: Sequence[str],
-    stopped: Sequence[bool],
-    *,
-    cache: JudgmentCache | None = None,
-    **kw: Any,
-) -> tuple[VerifierScores, np.ndarray]:
-    """score_texts over the distinct (prompt, text, stopped) rows not in `cache`, and each row's index into the result.
-
-    The plain verifier is scored (a contrastive form is built by the caller), so cached rows serve both forms.
-    """
-    keys = list(zip(prompts, texts, stopped))
-    index: dict[tuple[str, str, bool], int] = {}
-    for k in keys:
-        index.setdefault(k, len(index))
-    uniq = list(index)
-    n = len(uniq)
-    out = VerifierScores(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, bool))
-    hashes = [_score_key(verifier, *k) if cache is not None else "" for k in uniq]
-    todo = []
-    for i, h in enumerate(hashes):
-        hit = cache.get(h) if cache is not None else None
-        if hit is None:
-            todo.append(i)
-            continue
-        out.mean[i], out.count[i], out.empty[i], out.truncated[i] = json.loads(hit)
-    if todo:
-        s = score_texts(
-            verifier, [uniq[i][0] for i in todo], [uniq[i][1] for i in todo], [uniq[i][2] for i in todo], **kw
-        )
-        for j, i in enumerate(todo):
-            out.mean[i], out.count[i], out.empty[i], out.truncated[i] = (
-                s.mean[j],
-                s.count[j],
-                s.empty[j],
-                s.truncated[j],
-            )
-            if cache is not None:
-                row = [float(s.mean[j]), int(s.count[j]), bool(s.empty[j]), bool(s.truncated[j])]
-                cache.put(hashes[i], verifier.config.model, json.dumps(row))
-    return out, np.array([index[k] for k in keys], np.int64)
-
-
-def plain_verifier(verifier: Verifier) -> Verifier:
-    """The verifier in its plain form (itself unless its config is contrastive), sharing the loaded model."""
-    if not verifier.config.contrastive:
-        return verifier
-    return Verifier.from_model(dataclasses.replace(verifier.config, contrastive=False), verifier.model)
-
-
 def score_forms(
     verifier: Verifier,
     prompts: Sequence[str],
@@ -353,61 +287,29 @@ def score_forms(
     progress: bool = False,
     allow_empty: bool = False,
     cache: JudgmentCache | None = None,
+) -> VerifierForms:
+    """Both CME forms of each (prompt, text) row (`rewards.text_forms`); empty texts raise unless `allow_empty`."""
+    forms = text_forms(
+        verifier, prompts, texts, stopped, both=True, cache=cache, progress=progress, batch_size=batch_size, mesh=mesh
+    )
+    if np.asarray(forms.empty).any() and not allow_empty:
+        raise CmeError(
+            f"verifier {verifier.name!r}: a text has no tokens to score; drop empty responses from the pairs"
+        )
+    return forms
+
+
+def form_scores(forms: VerifierForms, form: str) -> np.ndarray:
+    """One CME form of every row as float64, 0 where there was nothing to score."""
+    return np.where(np.asarray(forms.empty), 0.0, np.asarray(forms.form(form == "contrastive", ""), np.float64))
+
+
+def combined_forms(
+    configs: Sequence[VerifierConfig], x: RewardInputs, weights: Mapping[str, float], *, zscore: bool = False
 ) -> dict[str, np.ndarray]:
-    """Plain and contrastive CME of each (prompt, text) row, the scored token count, the max_length cut, empties.
-
-    Both forms come from `score_texts` of the plain verifier: once after each prompt's context and once after
-    the empty prompt's context (what `score_texts` subtracts for a contrastive verifier), over distinct rows
-    (and only those missing from `cache`). Empty texts raise unless `allow_empty`; their scores are then 0.
-    """
-    from tqdm import tqdm
-
-    plain = plain_verifier(verifier)
-    name = verifier.name
-    stopped = [True] * len(texts) if stopped is None else [bool(x) for x in stopped]
-    kw: dict[str, Any] = {"batch_size": batch_size, "mesh": mesh, "cache": cache}
-    passes = (("plain", prompts), ("empty prompt", [""] * len(texts)))
-    means = {}
-    for label, ps in passes:
-        keys = set(zip(ps, texts, stopped))
-        with tqdm(total=len(keys), desc=f"{name} ({label})", unit="text", file=sys.stderr, disable=not progress) as bar:
-            s, idx = _score_unique(plain, ps, texts, stopped, progress=bar, **kw)
-        if s.empty.any() and not allow_empty:
-            raise CmeError(f"verifier {name!r}: a text has no tokens to score; drop empty responses from the pairs")
-        check_finite(s.mean, ~s.empty, f"verifier {name!r}")
-        means[label] = np.where(s.empty, 0.0, s.mean)[idx].astype(np.float64)
-        if label == "plain":
-            count, truncated, empty = s.count[idx], s.truncated[idx], s.empty[idx]
-    return {
-        "plain": means["plain"],
-        "contrastive": means["plain"] - means["empty prompt"],
-        "count": count,
-        "truncated": truncated,
-        "empty": empty,
-    }
-
-
-def combine_forms(
-    per_verifier: Mapping[str, Mapping[str, np.ndarray]],
-    weights: Mapping[str, float],
-    group_size: int,
-    *,
-    zscore: bool = False,
-) -> dict[str, np.ndarray]:
-    """Weighted sum over verifiers of each form; with zscore each verifier is standardised per pair first.
-
-    Rows are pair-major (group_size texts per pair), so z-scoring treats a pair's texts as one GRPO group.
-    """
-    out = {}
-    for form in FORMS:
-        total = np.zeros_like(next(iter(per_verifier.values()))[form])
-        for name, w in weights.items():
-            x = per_verifier[name][form]
-            if zscore:
-                x = np.asarray(zscore_groups(x, np.ones(x.shape, bool), group_size), np.float64)
-            total = total + w * x
-        out[form] = total
-    return out
+    """The reward `combine` gives for each CME form, with these weights (rows of a pair form one group)."""
+    rcfg = cme_config([dataclasses.replace(c, weight=weights[c.name]) for c in configs], zscore=zscore)
+    return {form: combine_host(with_form(rcfg, form), x).rewards.astype(np.float64) for form in FORMS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,6 +421,7 @@ def run_audit(
     _say(progress, f"audit: {n} pairs from {source}, {S} texts each ({', '.join(slots)}): {n * S} texts per verifier")
 
     per: dict[str, dict[str, np.ndarray]] = {}
+    scored: dict[str, VerifierForms] = {}
     configs: list[VerifierConfig] = []
     chat: dict[str, bool] = {}
     for v in verifiers:
@@ -528,10 +431,18 @@ def run_audit(
             verifier = load_verifier(v, mesh=mesh)
         configs.append(verifier.config)
         chat[verifier.name] = verifier.chat
-        per[verifier.name] = score_forms(verifier, prompts, texts, batch_size=batch_size, mesh=mesh, progress=progress)
+        f = score_forms(verifier, prompts, texts, batch_size=batch_size, mesh=mesh, progress=progress)
+        scored[verifier.name] = f
+        per[verifier.name] = {form: form_scores(f, form) for form in FORMS}
+        per[verifier.name].update(count=np.asarray(f.count), truncated=np.asarray(f.truncated))
         del verifier
+    # Through the trainer's `combine`: non-finite scores fail as they would in training, and the combination is
+    # the reward a run with these verifiers would see.
+    combined = combined_forms(
+        configs, RewardInputs(empty=np.zeros(len(texts), bool), verifiers=scored, group_size=S), w, zscore=zscore
+    )
     if len(per) > 1:
-        per[COMBINED] = combine_forms(per, w, S, zscore=zscore)
+        per[COMBINED] = combined
 
     flaw_of = np.array([p.flaw or "" for p in pairs])
     flaws = {f: flaw_of == f for f in sorted(set(flaw_of.tolist()) - {""})}
@@ -838,44 +749,9 @@ def write_outputs(out: Path, summary: Mapping[str, Any], items: Sequence[Mapping
 # Command line
 
 
-def read_verifier_config(path: Path) -> tuple[list[VerifierConfig], dict[str, float], bool]:
-    """Verifiers, their weights in the reward (cme term weight x verifier weight) and zscore from a YAML file."""
-    import yaml
-
-    if not path.is_file():
-        raise CmeError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CmeError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CmeError(f"{path} must hold a mapping with reward.verifiers (a training config) or verifiers")
-    section = data.get("reward") if "reward" in data else data
-    if not isinstance(section, dict) or not section.get("verifiers"):
-        raise CmeError(f"{path} has no reward.verifiers (or top-level verifiers); list at least one verifier")
-    fields = {f.name for f in dataclasses.fields(RewardConfig)}
-    # Keys of a `cme_jax.score` config that mean nothing to the audit.
-    ignored = {"batch_size", "empty_reward"} if "reward" not in data else set()
-    unknown = sorted(set(section) - fields - ignored)
-    if unknown:
-        raise CmeError(f"{path}: unknown reward key {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
-    try:
-        rcfg = RewardConfig(**{k: v for k, v in section.items() if k in fields})
-    except (TypeError, ValueError) as e:
-        raise CmeError(f"{path}: {e}") from None
-    term_w = {t.name: t.weight for t in rcfg.terms}.get("cme", 1.0)
-    return list(rcfg.verifiers), {v.name: term_w * v.weight for v in rcfg.verifiers}, rcfg.zscore
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cme_jax.audit", description=__doc__.split("\n")[0])
-    g = p.add_argument_group("verifiers")
-    g.add_argument("--verifier", action="append", default=[], help="model spec; repeat for several verifiers")
-    g.add_argument("--context", choices=["auto", "chat", "plain"], default="auto", help="for --verifier models")
-    g.add_argument("--template", default=DEFAULT_PLAIN_TEMPLATE, help="plain context with {prompt}, for --verifier")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="for --verifier models")
-    g.add_argument("--max-length", type=int, default=1024, help="response tokens scored at most, for --verifier")
-    g.add_argument("--config", type=Path, help="training config or YAML with reward.verifiers (weights, zscore)")
+    add_verifier_args(p, short_aliases=True)
     g = p.add_argument_group("preference pairs (default: the shipped set)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--pairs", type=Path, help="local JSONL with prompt, chosen, rejected per line")
@@ -889,27 +765,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="texts per forward")
     g.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     return p
-
-
-def verifier_configs(args: argparse.Namespace) -> tuple[list[VerifierConfig], dict[str, float], bool]:
-    """Verifiers of --config, then one per --verifier with the command-line settings; weights; zscore."""
-    configs, weights, zscore = read_verifier_config(args.config) if args.config else ([], {}, False)
-    try:
-        for spec in args.verifier:
-            vc = VerifierConfig(
-                model=spec, context=args.context, template=args.template, dtype=args.dtype, max_length=args.max_length
-            )
-            configs.append(vc)
-            weights.setdefault(vc.name, vc.weight)
-    except ValueError as e:
-        raise CmeError(str(e)) from None
-    if not configs:
-        raise CmeError("no verifier given; pass --verifier SPEC or a --config file with reward.verifiers")
-    names = [c.name for c in configs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise CmeError(f"two verifiers are named {dup[0]!r}; give each model once or distinct names in --config")
-    return configs, weights, zscore
 
 
 def load_pairs(args: argparse.Namespace) -> tuple[list[PreferencePair], str]:
@@ -929,21 +784,20 @@ def load_pairs(args: argparse.Namespace) -> tuple[list[PreferencePair], str]:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    for flag in ("bootstrap", "batch_size", "max_length"):
+    for flag in ("bootstrap", "batch_size"):
         if getattr(args, flag) < 1:
             raise CmeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 2:
         raise CmeError(f"--limit must be >= 2 (the audit compares pairs with each other), got {args.limit}")
     if args.out.exists() and not args.out.is_dir():
         raise CmeError(f"--out {args.out} is a file; give a directory")
-    configs, weights, zscore = verifier_configs(args)
+    rcfg = verifier_reward(args)
     pairs, source = load_pairs(args)
     return run_audit(
-        configs,
+        list(rcfg.verifiers),
         pairs,
         args.out,
-        weights=weights,
-        zscore=zscore,
+        zscore=rcfg.zscore,
         seed=args.seed,
         n_boot=args.bootstrap,
         batch_size=args.batch_size,

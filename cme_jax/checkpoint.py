@@ -183,6 +183,11 @@ class CheckpointManager:
             item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: MetadataHandler()},
             options=options,
         )
+        # orbax removes a killed save's leftovers in a background future that its close() does not await; one
+        # left running when the interpreter exits dies with a traceback. Finish it now (a directory listing).
+        finish_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if finish_cleanup is not None:
+            finish_cleanup()
         self._in_flight: int | None = None
 
     # -- listing --------------------------------------------------------------------------------------
@@ -240,7 +245,10 @@ class CheckpointManager:
         self._in_flight = None
 
     def close(self) -> None:
-        """Finish pending saves and release orbax's threads."""
+        """Finish pending saves and release orbax's threads (once; later calls do nothing)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._mngr.wait_until_finished()
         self._mngr.close()
         self._in_flight = None

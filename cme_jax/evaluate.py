@@ -62,8 +62,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cme_jax.audit import FORMS, score_forms
+from cme_jax.audit import FORMS, form_scores, score_forms
 from cme_jax.checkpoint import CheckpointManager, checkpoint_dir
+from cme_jax.cli import add_verifier_args, verifier_reward
 from cme_jax.errors import CmeError, cli_main
 from cme_jax.generate import generate_responses
 from cme_jax.judging import (
@@ -87,6 +88,7 @@ from cme_jax.judging import (
 )
 from cme_jax.metrics import distinct_n, repetition_rate
 from cme_jax.prompts import clean_prompt, heldout_score, prompt_key, read_prompt_texts
+from cme_jax.rewards import RewardInputs, cme_config, combine_host
 from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import (
     Verifier,
@@ -1061,8 +1063,8 @@ def automatic_metrics(
         stopped = [
             s for side in SIDES for s in (sides[side].stopped if sides[side].stopped is not None else [True] * n)
         ]
-        total = np.zeros(2 * n, np.float64)
-        empty = np.array([not t for t in texts], bool)
+        scored: dict[str, Any] = {}
+        configs = []
         for v in verifiers:
             verifier = load_verifier(v) if isinstance(v, VerifierConfig) else v
             vc = verifier.config
@@ -1077,9 +1079,8 @@ def automatic_metrics(
                 cache=score_cache,
             )
             del verifier
-            empty |= forms["empty"]
-            trained = forms["contrastive" if vc.contrastive else "plain"]
-            total += vc.weight * np.where(forms["empty"], 0.0, trained)
+            scored[vc.name] = forms
+            configs.append(vc)
             summary["verifiers"].append(
                 {
                     "name": vc.name,
@@ -1090,11 +1091,20 @@ def automatic_metrics(
                     "contrastive": vc.contrastive,
                 }
             )
-            keys = {f"cme_{vc.name}": trained, **{f"cme_{vc.name}_{f}": forms[f] for f in FORMS}}
+        # The reward training with these verifiers would give each output: the trainer's own `combine`.
+        inputs = RewardInputs(empty=np.array([not t for t in texts]), verifiers=scored)
+        parts = combine_host(cme_config(configs), inputs)
+        total, empty = parts.rewards.astype(np.float64), parts.empty
+        for vc in configs:
+            forms = scored[vc.name]
+            keys = {
+                f"cme_{vc.name}": form_scores(forms, "contrastive" if vc.contrastive else "plain"),
+                **{f"cme_{vc.name}_{f}": form_scores(forms, f) for f in FORMS},
+            }
             for k, side in enumerate(SIDES):
                 part = slice(k * n, (k + 1) * n)
                 for key, x in keys.items():
-                    vals = np.where(forms["empty"][part], np.nan, x[part])
+                    vals = np.where(np.asarray(forms.empty)[part], np.nan, x[part])
                     per[side][key] = vals
                     summary[side][key] = interval(vals)["mean"]
         for k, side in enumerate(SIDES):
@@ -1431,10 +1441,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retries-unparsed", type=int, default=2, help="follow-ups asking for a missing verdict")
     g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
     g = p.add_argument_group("automatic metrics")
-    g.add_argument("--verifier", action="append", default=[], help="verifier model spec for CME; repeatable")
-    g.add_argument("--verifier-context", choices=["auto", "chat", "plain"], default="auto")
-    g.add_argument("--verifier-template", default=DEFAULT_PLAIN_TEMPLATE, help="plain verifier context with {prompt}")
-    g.add_argument("--verifier-max-length", type=int, default=1024, help="output tokens scored at most")
     g.add_argument(
         "--kl-reference",
         help="model spec (usually the base of --model): the model's entropy and exact KL to it over its outputs",
@@ -1442,6 +1448,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--score-cache", type=Path, help="scored-row cache shared by evaluations (default OUT/score_cache.jsonl)"
     )
+    add_verifier_args(p)
     return p
 
 
@@ -1528,7 +1535,7 @@ def _heldout_hint(spec: str, prompts: str, heldout_fraction: float | None) -> No
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for flag in ("batch_size", "judge_batch_size", "judge_concurrency", "bootstrap", "verifier_max_length"):
+    for flag in ("batch_size", "judge_batch_size", "judge_concurrency", "bootstrap"):
         if getattr(args, flag) < 1:
             raise CmeError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.retries_unparsed < 0 or args.judge_retries < 0:
@@ -1539,20 +1546,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
         )
-        verifiers = [
-            VerifierConfig(
-                model=spec,
-                context=args.verifier_context,
-                template=args.verifier_template,
-                max_length=args.verifier_max_length,
-            )
-            for spec in args.verifier
-        ]
     except ValueError as e:
         raise CmeError(str(e)) from None
-    names = [v.name for v in verifiers]
-    if len(set(names)) != len(names):
-        raise CmeError(f"two verifiers are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; give each once")
+    # CME of both sides under the verifiers, combined as training would (no groups here: one output a prompt).
+    verifiers = list(verifier_reward(args, groups=False).verifiers) if args.verifier or args.verifier_config else []
     judge = build_judge(args)
     prompts = load_eval_prompts(
         args.prompts,

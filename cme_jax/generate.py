@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cme_jax.errors import CmeError, cli_main
+from cme_jax.files import read_records
 from cme_jax.models.sharding import batch_sharding
 from cme_jax.sampling import SamplingConfig, prepare_decode, response_token_lists, sample_jit
 from cme_jax.sources import LoadedModel, load_model
@@ -152,20 +153,12 @@ def generate_responses(
 
 
 def _read_prompts(path: Path) -> list[dict[str, Any]]:
-    """JSONL rows with a string 'prompt' (or 'instruction') field; other fields are carried to the output."""
-    if not path.exists():
-        raise CmeError(f"prompt file {path} does not exist")
+    """Records with a string 'prompt' (or 'instruction') field; other fields are carried to the output."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CmeError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-        text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
+    for where, row in read_records(path, "prompt file"):
+        text = row.get("prompt", row.get("instruction"))
         if not isinstance(text, str):
-            raise CmeError(f"{path}:{n} needs a string 'prompt' (or 'instruction') field")
+            raise CmeError(f"{where} needs a string 'prompt' (or 'instruction') field")
         rows.append({**row, "prompt": text})
     if not rows:
         raise CmeError(f"{path} holds no prompts; write one JSON object with a 'prompt' field per line")

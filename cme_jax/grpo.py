@@ -1,12 +1,18 @@
-"""GRPO pieces as pure array functions: group advantages, KL estimators, the clipped policy loss."""
+"""GRPO pieces as pure array functions: group advantages, KL estimators, the loss batch and the clipped policy loss.
+
+A loss is any function `loss_fn(batch: LossBatch, cfg: GRPOConfig) -> (loss_sum, denominator, metrics)`;
+`policy_loss` is the default, and `train_step.build_step(..., loss_fn=...)` takes another.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 
@@ -14,6 +20,8 @@ AdvantageMode = Literal["group_std", "group_mean", "batch_std", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 ImportanceLevel = Literal["token", "sequence"]
 LossAggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+OldLogp = Literal["recompute", "sampler"]
+SamplerCorrection = Literal["none", "tis"]
 
 # A metric is (sum, count); summing both over micro-batches and dividing once keeps means exact.
 Metrics = dict[str, tuple[Array, Array]]
@@ -44,10 +52,17 @@ class GRPOConfig:
     mask_truncated: bool = False
     advantage_mode: AdvantageMode = "group_std"
     advantage_eps: float = 1e-6
+    # The old policy's log-probs in the ratio: the learner's own forward at the weights that sampled
+    # (recompute; free when the step makes one update) or the sampler's (equal only when their numerics are).
+    old_logp: OldLogp = "recompute"
+    # tis: weight each token's policy-gradient term by min(pi_old / pi_sampler, tis_cap) (truncated importance
+    # sampling), correcting for the sampler's numerics differing from the learner's.
+    sampler_correction: SamplerCorrection = "none"
+    tis_cap: float = 2.0
 
     def __post_init__(self) -> None:
         """Validate every field, failing with one line that names the field and what is allowed."""
-        for name in ("epsilon_low", "epsilon_high", "beta", "advantage_eps"):
+        for name in ("epsilon_low", "epsilon_high", "beta", "advantage_eps", "tis_cap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"grpo.{name}={value!r} must be a number >= 0")
@@ -60,6 +75,15 @@ class GRPOConfig:
         _check_choice("grpo.importance_level", self.importance_level, ImportanceLevel)
         _check_choice("grpo.loss_aggregation", self.loss_aggregation, LossAggregation)
         _check_choice("grpo.advantage_mode", self.advantage_mode, AdvantageMode)
+        _check_choice("grpo.old_logp", self.old_logp, OldLogp)
+        _check_choice("grpo.sampler_correction", self.sampler_correction, SamplerCorrection)
+        if self.sampler_correction == "tis" and self.old_logp == "sampler":
+            raise ValueError(
+                "grpo.sampler_correction=tis needs grpo.old_logp=recompute (with the sampler's log-probs as the old "
+                "ones every weight is 1)"
+            )
+        if self.sampler_correction == "tis" and not self.tis_cap >= 1:
+            raise ValueError(f"grpo.tis_cap={self.tis_cap!r} must be >= 1")
 
 
 def group_advantages(
@@ -112,23 +136,35 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: KLEstimator = "k3") -> A
     return jnp.exp(log_r) - log_r - 1.0
 
 
+@struct.dataclass
+class LossBatch:
+    """Everything a loss may read for B response rows of T tokens; optional fields are None when not computed."""
+
+    logp: Array  # [B, T] the learner's log-probs of the sampled tokens (carries the gradient)
+    old_logp: Array  # [B, T] the old policy's (grpo.old_logp), no gradient
+    sampler_logp: Array  # [B, T] what the sampler reported for the same tokens
+    advantages: Array  # [B]
+    mask: Array  # [B, T] response tokens
+    truncated: Array  # [B] responses cut at the generation limit
+    ref_logp: Array | None = None  # [B, T] the reference model's, when grpo.beta > 0
+    entropy: Array | None = None  # [B, T] the learner's token entropy, when logged
+    is_weight: Array | None = None  # [B, T] sampler correction weights (grpo.sampler_correction), else None
+    token_rewards: Array | None = None  # [B, T] a per-token reward slot for losses that use one (GRPO does not)
+
+
+LossFn = Callable[[LossBatch, "GRPOConfig"], tuple[Array, Array, Metrics]]
+
+
 # loss = loss_sum / denominator, summed over micro-batches before dividing. The denominator is 0 only when
 # no row of the whole batch has a response token, so callers divide by max(denominator, 1).
-def policy_loss(
-    logp_BxT: Array,
-    old_logp_BxT: Array,
-    ref_logp_BxT: Array | None,
-    advantages_B: Array,
-    mask_BxT: Array,
-    cfg: GRPOConfig,
-    truncated_B: Array | None = None,
-    entropy_BxT: Array | None = None,
-) -> tuple[Array, Array, Metrics]:
+def policy_loss(batch: LossBatch, cfg: GRPOConfig) -> tuple[Array, Array, Metrics]:
     """Clipped GRPO surrogate (+ beta * KL) as (loss_sum, denominator, metrics of (sum, count))."""
+    logp_BxT, old_logp_BxT, ref_logp_BxT = batch.logp, batch.old_logp, batch.ref_logp
+    advantages_B, mask_BxT, truncated_B, entropy_BxT = batch.advantages, batch.mask, batch.truncated, batch.entropy
     if cfg.beta > 0 and ref_logp_BxT is None:
-        raise ValueError("grpo.beta > 0 needs ref_logp_BxT (the reference model's log-probs)")
+        raise ValueError("grpo.beta > 0 needs ref_logp (the reference model's log-probs)")
     if cfg.mask_truncated and truncated_B is None:
-        raise ValueError("grpo.mask_truncated=true needs truncated_B")
+        raise ValueError("grpo.mask_truncated=true needs truncated")
     dtype = logp_BxT.dtype
     B = logp_BxT.shape[0]
     mask_BxT = jnp.asarray(mask_BxT).astype(dtype)
@@ -149,6 +185,8 @@ def policy_loss(
     ratio_BxT = jnp.exp(log_ratio_BxT)
     clipped_BxT = jnp.clip(ratio_BxT, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
     per_token_BxT = -jnp.minimum(ratio_BxT * adv_Bx1, clipped_BxT * adv_Bx1)
+    if batch.is_weight is not None:
+        per_token_BxT = per_token_BxT * jnp.where(valid_BxT, jax.lax.stop_gradient(batch.is_weight), 0.0)
 
     kl_BxT = None
     if cfg.beta > 0:
@@ -189,6 +227,35 @@ def policy_loss(
         metrics["entropy_mean"] = (token_sum(entropy_BxT), n_tok)
     metrics = {k: (s, jax.lax.stop_gradient(c)) for k, (s, c) in metrics.items()}
     return loss_sum, denominator, metrics
+
+
+def tis_weights(old_logp_BxT: Array, sampler_logp_BxT: Array, mask_BxT: Array, cap: float) -> Array:
+    """Truncated importance weights min(pi_old / pi_sampler, cap) per token (0 at padding), without gradient."""
+    valid_BxT = jnp.asarray(mask_BxT) > 0
+    log_w = jnp.where(valid_BxT, old_logp_BxT - sampler_logp_BxT, 0.0)
+    return jax.lax.stop_gradient(jnp.where(valid_BxT, jnp.minimum(jnp.exp(log_w), cap), 0.0))
+
+
+# A token whose learner/sampler probability ratio leaves [1 - band, 1 + band] counts as mismatched.
+MISMATCH_BAND = 0.1
+
+
+def sampler_mismatch(learner_logp_BxT: Array, sampler_logp_BxT: Array, mask_BxT: Array) -> Metrics:
+    """How far the sampler's log-probs are from the learner's on the same tokens, as (sum, count) metrics.
+
+    mismatch/abs_diff: mean |log p_learner - log p_sampler|; mismatch/ratio_outside: the share of tokens whose
+    ratio p_learner / p_sampler leaves [0.9, 1.1]; mismatch/kl: the k3 estimate of KL(sampler || learner).
+    """
+    valid_BxT = jnp.asarray(mask_BxT) > 0
+    d_BxT = jax.lax.stop_gradient(jnp.where(valid_BxT, learner_logp_BxT - sampler_logp_BxT, 0.0)).astype(jnp.float32)
+    n = valid_BxT.sum().astype(jnp.float32)
+    outside_BxT = valid_BxT & (jnp.abs(jnp.exp(d_BxT) - 1.0) > MISMATCH_BAND)
+    k3_BxT = kl_penalty(jnp.zeros_like(d_BxT), d_BxT, "k3")  # samples from the sampler: log r = learner - sampler
+    return {
+        "mismatch/abs_diff": (jnp.abs(d_BxT).sum(), n),
+        "mismatch/ratio_outside": (outside_BxT.astype(jnp.float32).sum(), n),
+        "mismatch/kl": (jnp.where(valid_BxT, k3_BxT, 0.0).sum(), n),
+    }
 
 
 def sum_metrics(a: Metrics, b: Metrics) -> Metrics:

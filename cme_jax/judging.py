@@ -880,19 +880,12 @@ def write_model_outputs(
 
 def read_model_outputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read an AlpacaEval model_outputs.json (or .jsonl) file; each row needs an instruction and an output."""
+    from cme_jax.files import read_records
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CmeError(f"cannot read model outputs {p}: {e.strerror}") from None
-    try:
-        rows = json.loads(text) if p.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x.strip()]
-    except ValueError as e:
-        raise CmeError(f"model outputs {p} is not valid JSON: {e}") from None
-    if not isinstance(rows, list):
-        raise CmeError(f"model outputs {p} must be a JSON list of {{instruction, output, generator}} objects")
+    rows = [row for _, row in read_records(p, "model outputs")]
     for j, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or "output" not in row:
+        if not isinstance(row.get("instruction"), str) or "output" not in row:
             raise CmeError(f"model outputs {p}: entry {j} lacks a string 'instruction' or an 'output'")
     return rows
 

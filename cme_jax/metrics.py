@@ -51,20 +51,6 @@ def repetition_rate(text: str, n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's JSONL file ([] without one); a line cut short by a killed write is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def _append(path: Path):
     """Open a JSONL file for appending; a last line cut short by a killed write is ended first, not joined."""
     f = open(path, "a+")  # noqa: SIM115 - kept open for the run's lifetime; RunLogger.close releases it

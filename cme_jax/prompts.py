@@ -40,7 +40,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cme_jax.errors import CmeError, cli_main
+from cme_jax.files import iter_json, iter_jsonl
 
 AUTO_FIELDS = ("prompt", "instruction", "messages")
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -199,42 +200,6 @@ def builtin_names() -> list[str]:
     )
 
 
-def _iter_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(position label, record) for each non-blank line."""
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CmeError(f"{where}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise CmeError(f"{where}:{n} is a JSON {type(row).__name__}, not an object with a prompt field")
-        yield f"{where}:{n}", row
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one object per line under a .json name, as `datasets` also accepts
-            yield from _iter_jsonl(text.splitlines(), str(path))
-            return
-        raise CmeError(f"{path}:{e.lineno} is not valid JSON ({e.msg})") from None
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        lengths = {len(v) for v in data.values()}
-        if len(lengths) != 1:
-            raise CmeError(f"{path} holds columns of different lengths; give a list of objects instead")
-        data = [dict(zip(data, row)) for row in zip(*data.values())]
-    if not isinstance(data, list):
-        raise CmeError(f"{path} must hold a list of objects (or an object of equal-length columns)")
-    for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise CmeError(f"{path}: record {i} is a JSON {type(row).__name__}, not an object with a prompt field")
-        yield f"{path}: record {i}", row
-
-
 def _pick_field(columns: Sequence[str], field: str | None, where: str) -> str:
     if field is not None:
         if field not in columns:
@@ -297,9 +262,9 @@ def _read_file(path: Path, field: str | None, limit: int | None) -> list[str]:
         raise CmeError(f"prompt file {path} has unknown type {path.suffix!r}; use .jsonl, .json or .parquet")
     if kind == "jsonl":
         with path.open(encoding="utf-8-sig") as f:
-            return _records_texts(_iter_jsonl(f, str(path)), field, str(path), limit)
+            return _records_texts(iter_jsonl(f, str(path)), field, str(path), limit)
     if kind == "json":
-        return _records_texts(_json_records(path), field, str(path), limit)
+        return _records_texts(iter_json(path), field, str(path), limit)
     import pyarrow.parquet as pq
 
     try:
@@ -358,7 +323,7 @@ def read_prompt_texts(spec: str, split: str = "train", field: str | None = None,
             )
         where = f"builtin:{location}"
         with resources.files("cme_jax.data").joinpath(f"{location}.jsonl").open("r", encoding="utf-8") as f:
-            return _records_texts(_iter_jsonl(f, where), field, where, limit)
+            return _records_texts(iter_jsonl(f, where), field, where, limit)
     if kind == "file":
         return _read_file(Path(location), field, limit)
     if kind == "disk":

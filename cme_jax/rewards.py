@@ -1,30 +1,34 @@
-"""Reward registry: CME over one or more verifiers, the paper's baselines, guards and per-step diagnostics.
+"""Rewards: one registry of reward terms and ONE pure function, `combine`, that turns scores into rewards.
 
-A reward is a weighted sum of named terms (`RewardConfig.terms`). `cme` is the weighted sum of the
-verifiers' mean response log-probs (each optionally contrastive: minus the same response's mean log-prob
-after an empty prompt); the baselines come from the policy's own forward over its responses:
-`self_certainty` (Intuitor: mean over response tokens of KL(uniform || p)), `neg_entropy` (RENT, EM-RL
-token level), `self_loglik` (EM-RL sequence level: the policy's mean token log-likelihood), `length`
-(response tokens) and `random` (uniform in [0, 1)). With `zscore` every component is standardised inside
-each prompt's group before weighting. Guards (n-gram repetition and length penalties) are subtracted after
-that, and empty responses get `empty_reward`.
+Everything that reads a reward goes through `combine(reward_cfg, RewardInputs) -> (rewards, metrics)`: both
+training paths (the host path, `compute_rewards`, for verifiers that re-read text with their own tokenizer,
+and the device path, `device_reward_fn`, inside the trainer's single jitted step), `score`, `audit`,
+`evaluate` and the held-out evaluation. Callers only gather the inputs: per-verifier scores in both CME
+forms, the policy's own statistics, lengths, stop flags and the guards' inputs.
 
-Two entry points share every step after scoring (`reward_components`, the one place that dispatches on
-names, then `finish_rewards` and `reward_metrics`): `compute_rewards` on the host (any verifier; text is
-re-tokenized unless a verifier shares the policy's vocabulary), and `device_reward_fn`, a pure function for
-the trainer's single jitted step when every verifier shares the policy's vocabulary.
+A reward is a weighted sum of named terms (`RewardConfig.terms`), each one function in `REGISTRY`: `cme`,
+the weighted sum of the verifiers' mean response log-probs (contrastive: minus the same response's mean
+log-prob after an empty prompt); the policy-side baselines `self_certainty` (Intuitor: mean KL(uniform || p)
+over the response), `neg_entropy` (RENT, EM-RL token level), `self_loglik` (EM-RL sequence level); `length`
+and `random` (uniform in [0, 1)). A new label-free signal is one `@register`ed function here. With `zscore`
+every component is standardised inside each prompt's group before weighting; the guards (n-gram repetition
+and length penalties) are subtracted after that, and empty responses get `empty_reward`. Non-finite scores
+never reach an advantage: `combine` zeroes them and counts them, and `check_nonfinite` turns the count into
+one error naming the source and the row, on both paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from cme_jax.errors import CmeError
 from cme_jax.models.logprobs import DEFAULT_CHUNK_ELEMENTS, token_stats
@@ -33,21 +37,244 @@ from cme_jax.scoring import (
     DEFAULT_BLOCK_TOKENS,
     Verifier,
     VerifierConfig,
-    VerifierScores,
-    check_finite,
     hidden_token_ids,
     join_prompts,
+    load_verifier,
+    plain_verifier,
     score_same_vocab,
     score_same_vocab_jit,
-    score_texts,
+    score_unique,
     visible_response,
 )
 from cme_jax.tokens import bucket_length, left_pad
 
-RewardName = Literal["cme", "self_certainty", "neg_entropy", "self_loglik", "length", "random"]
-POLICY_TERMS = ("self_certainty", "neg_entropy", "self_loglik")
 # Group spreads this small are float noise in equal rewards, not a signal to blow up by the std division.
 ZERO_SPREAD_TOL = 1e-12
+CME_FORMS = ("plain", "contrastive")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure array pieces (jittable)
+
+
+def response_lengths(response_mask_RxN: Array, stopped_R: Array) -> Array:
+    """Response tokens per row without the final stop token."""
+    m = jnp.asarray(response_mask_RxN).astype(jnp.int32).sum(axis=1)
+    return m - jnp.asarray(stopped_R).astype(jnp.int32)
+
+
+def content_mask(response_mask_RxN: Array, stopped_R: Array) -> Array:
+    """The response mask without the final stop token."""
+    N = response_mask_RxN.shape[1]
+    return jnp.arange(N)[None, :] < response_lengths(response_mask_RxN, stopped_R)[:, None]
+
+
+def _ngrams(tokens_RxN: Array, mask_RxN: Array, n: int) -> tuple[Array, Array]:
+    """All n-grams [R, M, n] of each row (M = N - n + 1) and whether each lies inside the mask."""
+    M = tokens_RxN.shape[1] - n + 1
+    mask_RxN = jnp.asarray(mask_RxN).astype(bool)
+    grams = jnp.stack([tokens_RxN[:, i : i + M] for i in range(n)], axis=-1)
+    ok = jnp.stack([mask_RxN[:, i : i + M] for i in range(n)], axis=-1).all(axis=-1)
+    return grams, ok
+
+
+def _distinct_count(grams_Mxn: Array, ok_M: Array) -> tuple[Array, Array]:
+    """Exact (distinct, total) count of the valid n-grams: sort them (valid first), count changes."""
+    n = grams_Mxn.shape[1]
+    order = jnp.lexsort([grams_Mxn[:, j] for j in reversed(range(n))] + [~ok_M])
+    g, o = grams_Mxn[order], ok_M[order]
+    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(g[1:] != g[:-1], axis=1)])
+    return (new & o).sum(), o.sum()
+
+
+def ngram_repetition(tokens_RxN: Array, mask_RxN: Array, n: int) -> Array:
+    """Fraction of each row's n-grams that repeat an earlier one: 1 - distinct / total (0 without n-grams)."""
+    R, N = tokens_RxN.shape
+    if N - n + 1 <= 0:
+        return jnp.zeros((R,), jnp.float32)
+    grams, ok = _ngrams(jnp.asarray(tokens_RxN), mask_RxN, n)
+    distinct, total = jax.vmap(_distinct_count)(grams, ok)
+    return jnp.where(total > 0, 1.0 - distinct / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+
+
+def distinct_ngrams(tokens_RxN: Array, mask_RxN: Array, n: int = 2) -> Array:
+    """Distinct n-grams over all n-grams of the batch (corpus level, n-grams inside rows); 0 when there are none."""
+    if tokens_RxN.shape[1] - n + 1 <= 0:
+        return jnp.zeros((), jnp.float32)
+    grams, ok = _ngrams(jnp.asarray(tokens_RxN), mask_RxN, n)
+    distinct, total = _distinct_count(grams.reshape(-1, n), ok.reshape(-1))
+    return jnp.where(total > 0, distinct / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+
+
+def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Host version of `distinct_ngrams` over lists of ids."""
+    seen: set[tuple[int, ...]] = set()
+    total = 0
+    for t in token_lists:
+        for i in range(len(t) - n + 1):
+            seen.add(tuple(t[i : i + n]))
+            total += 1
+    return len(seen) / total if total else 0.0
+
+
+def zscore_groups(x_R: Array, valid_R: Array, group_size: int, eps: float = 1e-6) -> Array:
+    """(x - group mean) / (group std + eps) over each group's valid rows (population std); 0 elsewhere.
+
+    Groups whose valid values are all equal give 0, as do rows that are not valid.
+    """
+    x = jnp.asarray(x_R, jnp.float32).reshape(-1, group_size)
+    v = jnp.asarray(valid_R, bool).reshape(-1, group_size)
+    vf = v.astype(jnp.float32)
+    xv = jnp.where(v, x, 0.0)
+    n = jnp.maximum(vf.sum(axis=1, keepdims=True), 1.0)
+    mean = xv.sum(axis=1, keepdims=True) / n
+    std = jnp.sqrt((vf * (xv - mean) ** 2).sum(axis=1, keepdims=True) / n)
+    spread = jnp.where(v, x, -jnp.inf).max(axis=1, keepdims=True) - jnp.where(v, x, jnp.inf).min(axis=1, keepdims=True)
+    z = jnp.where(spread > ZERO_SPREAD_TOL, (x - mean) / (std + eps), 0.0)
+    return jnp.where(v, z, 0.0).reshape(-1)
+
+
+def combine_rewards(
+    components: Mapping[str, Array],
+    weights: Mapping[str, float],
+    valid_R: Array,
+    group_size: int,
+    *,
+    zscore: bool = False,
+    eps: float = 1e-6,
+) -> Array:
+    """sum_k weights[k] * components[k] (each z-scored inside its group first when zscore); 0 at invalid rows."""
+    total = jnp.zeros(jnp.shape(valid_R), jnp.float32)
+    for k, w in weights.items():
+        x = jnp.asarray(components[k], jnp.float32)
+        if zscore:
+            x = zscore_groups(x, valid_R, group_size, eps)
+        total = total + w * jnp.where(valid_R, x, 0.0)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a reward is computed from
+
+
+@struct.dataclass
+class VerifierForms:
+    """One verifier's scores of R responses: the mean log-prob after the prompt's context (`plain`) and after
+    the empty prompt's context (`bare`, None when not scored); contrastive CME is plain - bare."""
+
+    plain: Array  # [R] float32
+    count: Array  # [R] scored tokens (end token included)
+    empty: Array  # [R] bool: nothing to score
+    truncated: Array  # [R] bool: cut to the verifier's max_length
+    bare: Array | None = None  # [R] float32
+
+    def form(self, contrastive: bool, name: str) -> Array:
+        if not contrastive:
+            return self.plain
+        if self.bare is None:
+            raise ValueError(f"verifier {name!r} is contrastive but its empty-prompt scores were not computed")
+        return self.plain - self.bare
+
+
+@struct.dataclass
+class RewardInputs:
+    """Everything a reward term, a guard or a diagnostic reads, for R responses in group-major order.
+
+    Fields a caller cannot know (text without the policy's ids, a reward without a policy forward) are None;
+    the terms that need them fail with one line.
+    """
+
+    empty: Array  # [R] bool: responses with nothing in them
+    verifiers: dict[str, VerifierForms] = struct.field(default_factory=dict)
+    policy: dict[str, Array] = struct.field(default_factory=dict)  # policy_response_stats, those the terms read
+    truncated: Array | None = None  # [R] bool: cut at the generation limit
+    lengths: Array | None = None  # [R] response tokens without the stop token
+    repetition: Array | None = None  # [R] share of repeated n-grams (RewardConfig.repetition_ngram)
+    tokens: Array | None = None  # [R, N] the policy's response ids
+    content: Array | None = None  # [R, N] their mask without the stop token
+    rng: Array | None = None  # key of the random term
+    group_size: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def rows(self) -> int:
+        return int(self.empty.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry of reward terms
+
+
+# term(reward_cfg, inputs) -> [R] values, or {component: ([R] values, weight inside the term)}.
+TermFn = Callable[["RewardConfig", RewardInputs], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TermSpec:
+    """A registered reward term and what it reads besides the verifier scores."""
+
+    fn: TermFn
+    policy_stats: tuple[str, ...] = ()  # keys of policy_response_stats it needs (one policy forward)
+    needs_tokens: bool = False  # needs the policy's response ids (lengths, repetition)
+
+
+REGISTRY: dict[str, TermSpec] = {}
+
+
+def register(name: str, *, policy_stats: Sequence[str] = (), needs_tokens: bool = False) -> Callable[[TermFn], TermFn]:
+    """Register a reward term under `name`; every command and both training paths then accept it."""
+
+    def add(fn: TermFn) -> TermFn:
+        REGISTRY[name] = TermSpec(fn, tuple(policy_stats), needs_tokens)
+        return fn
+
+    return add
+
+
+@register("cme")
+def cme_term(rcfg: RewardConfig, x: RewardInputs) -> dict[str, tuple[Array, float]]:
+    """One component per verifier, `cme/<name>`, in its configured form and weighted by its weight."""
+    out = {}
+    term_weight = next(t.weight for t in rcfg.terms if t.name == "cme")
+    for vc in rcfg.verifiers:
+        forms = x.verifiers.get(vc.name)
+        if forms is None:
+            if term_weight * vc.weight == 0:
+                continue  # a monitor, not scored for the reward
+            raise ValueError(f"reward inputs hold no scores of verifier {vc.name!r}")
+        out[f"cme/{vc.name}"] = (forms.form(vc.contrastive, vc.name), vc.weight)
+    return out
+
+
+def _policy_stat(name: str) -> TermFn:
+    def term(rcfg: RewardConfig, x: RewardInputs) -> Array:
+        if name not in x.policy:
+            raise CmeError(f"reward {name!r} needs the policy model and its prompt and response ids")
+        return x.policy[name]
+
+    return term
+
+
+for _name in ("self_certainty", "neg_entropy", "self_loglik"):
+    register(_name, policy_stats=(_name,))(_policy_stat(_name))
+
+
+@register("length", needs_tokens=True)
+def length_term(rcfg: RewardConfig, x: RewardInputs) -> Array:
+    if x.lengths is None:
+        raise CmeError("reward 'length' needs the policy's response ids")
+    return jnp.asarray(x.lengths).astype(jnp.float32)
+
+
+@register("random", needs_tokens=True)
+def random_term(rcfg: RewardConfig, x: RewardInputs) -> Array:
+    """Uniform in [0, 1): a reward that carries no information (a control)."""
+    if x.rng is None:
+        raise ValueError("reward 'random' needs an rng key")
+    return jax.random.uniform(x.rng, (x.rows,))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
 
 
 def _number(value: object) -> bool:
@@ -58,12 +285,12 @@ def _number(value: object) -> bool:
 class RewardTerm:
     """One named reward and its weight in the sum."""
 
-    name: RewardName
+    name: str  # a key of REGISTRY
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in get_args(RewardName):
-            allowed = ", ".join(map(repr, get_args(RewardName)))
+        if self.name not in REGISTRY:
+            allowed = ", ".join(map(repr, REGISTRY))
             raise ValueError(f"reward term {self.name!r} is not allowed; choose one of {allowed}")
         if not _number(self.weight):
             raise ValueError(f"reward term {self.name!r}: weight={self.weight!r} must be a finite number")
@@ -155,7 +382,13 @@ class RewardConfig:
     @property
     def needs_policy_tokens(self) -> bool:
         """Whether a term or guard needs the policy's own tokens (and, for some, its forward)."""
-        return any(n != "cme" for n in self.term_names) or self.repetition_penalty > 0 or self.length_penalty > 0
+        guards = self.repetition_penalty > 0 or self.length_penalty > 0
+        return guards or any(REGISTRY[n].needs_tokens or REGISTRY[n].policy_stats for n in self.term_names)
+
+    @property
+    def policy_stats(self) -> tuple[str, ...]:
+        """The policy statistics (`policy_response_stats` keys) the terms read."""
+        return tuple(dict.fromkeys(s for n in self.term_names for s in REGISTRY[n].policy_stats))
 
 
 def reward_config_from_dict(d: Mapping[str, Any]) -> RewardConfig:
@@ -169,177 +402,96 @@ def reward_config_from_dict(d: Mapping[str, Any]) -> RewardConfig:
     return RewardConfig(**d)
 
 
-def _check_setup(rcfg: RewardConfig, verifiers: Sequence[Verifier], group_size: int) -> None:
-    """The checks that need the loaded verifiers and the group size (both entry points)."""
-    if "cme" in rcfg.term_names and not rcfg.verifiers:
-        raise CmeError("reward term 'cme' needs reward.verifiers; add at least one verifier model")
-    if [v.name for v in verifiers] != [v.name for v in rcfg.verifiers]:
-        raise ValueError("verifiers must be loaded from rcfg.verifiers, in the same order")
-    if rcfg.zscore and group_size < 2:
-        raise CmeError("reward.zscore needs groups of at least 2 responses per prompt (sampling.num_samples >= 2)")
+def with_form(rcfg: RewardConfig, form: str) -> RewardConfig:
+    """The same reward with every verifier read in one CME form ("plain" or "contrastive")."""
+    if form not in CME_FORMS:
+        raise ValueError(f"CME form {form!r} is not one of {CME_FORMS}")
+    vs = tuple(dataclasses.replace(v, contrastive=form == "contrastive") for v in rcfg.verifiers)
+    return dataclasses.replace(rcfg, verifiers=vs)
+
+
+def cme_config(verifiers: Sequence[VerifierConfig], **kw: Any) -> RewardConfig:
+    """A reward of the one term `cme` over these verifiers (what score, audit and evaluate combine)."""
+    return RewardConfig(terms=(RewardTerm("cme"),), verifiers=tuple(verifiers), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pure array pieces (jittable), shared by the host and device entry points
+# The one combination
 
 
-def response_lengths(response_mask_RxN: Array, stopped_R: Array) -> Array:
-    """Response tokens per row without the final stop token."""
-    m = jnp.asarray(response_mask_RxN).astype(jnp.int32).sum(axis=1)
-    return m - jnp.asarray(stopped_R).astype(jnp.int32)
+@struct.dataclass
+class RewardParts:
+    """`combine`'s result with what it was made of: components before weighting and the empty rows."""
+
+    rewards: Array  # [R] float32
+    components: dict[str, Array]
+    empty: Array  # [R] bool
+    metrics: dict[str, Array]
 
 
-def content_mask(response_mask_RxN: Array, stopped_R: Array) -> Array:
-    """The response mask without the final stop token."""
-    N = response_mask_RxN.shape[1]
-    return jnp.arange(N)[None, :] < response_lengths(response_mask_RxN, stopped_R)[:, None]
-
-
-def _ngrams(tokens_RxN: Array, mask_RxN: Array, n: int) -> tuple[Array, Array]:
-    """All n-grams [R, M, n] of each row (M = N - n + 1) and whether each lies inside the mask."""
-    M = tokens_RxN.shape[1] - n + 1
-    mask_RxN = jnp.asarray(mask_RxN).astype(bool)
-    grams = jnp.stack([tokens_RxN[:, i : i + M] for i in range(n)], axis=-1)
-    ok = jnp.stack([mask_RxN[:, i : i + M] for i in range(n)], axis=-1).all(axis=-1)
-    return grams, ok
-
-
-def _distinct_count(grams_Mxn: Array, ok_M: Array) -> tuple[Array, Array]:
-    """Exact (distinct, total) count of the valid n-grams: sort them (valid first), count changes."""
-    n = grams_Mxn.shape[1]
-    order = jnp.lexsort([grams_Mxn[:, j] for j in reversed(range(n))] + [~ok_M])
-    g, o = grams_Mxn[order], ok_M[order]
-    new = jnp.concatenate([jnp.ones((1,), bool), jnp.any(g[1:] != g[:-1], axis=1)])
-    return (new & o).sum(), o.sum()
-
-
-def ngram_repetition(tokens_RxN: Array, mask_RxN: Array, n: int) -> Array:
-    """Fraction of each row's n-grams that repeat an earlier one: 1 - distinct / total (0 without n-grams)."""
-    R, N = tokens_RxN.shape
-    if N - n + 1 <= 0:
-        return jnp.zeros((R,), jnp.float32)
-    grams, ok = _ngrams(jnp.asarray(tokens_RxN), mask_RxN, n)
-    distinct, total = jax.vmap(_distinct_count)(grams, ok)
-    return jnp.where(total > 0, 1.0 - distinct / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
-
-
-ngram_repetition_jit = jax.jit(ngram_repetition, static_argnames="n")
-
-
-def distinct_ngrams(tokens_RxN: Array, mask_RxN: Array, n: int = 2) -> Array:
-    """Distinct n-grams over all n-grams of the batch (corpus level, n-grams inside rows); 0 when there are none."""
-    if tokens_RxN.shape[1] - n + 1 <= 0:
-        return jnp.zeros((), jnp.float32)
-    grams, ok = _ngrams(jnp.asarray(tokens_RxN), mask_RxN, n)
-    distinct, total = _distinct_count(grams.reshape(-1, n), ok.reshape(-1))
-    return jnp.where(total > 0, distinct / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
-
-
-def distinct_n(token_lists: Sequence[Sequence[int]], n: int = 2) -> float:
-    """Host version of `distinct_ngrams` over lists of ids."""
-    seen: set[tuple[int, ...]] = set()
-    total = 0
-    for t in token_lists:
-        for i in range(len(t) - n + 1):
-            seen.add(tuple(t[i : i + n]))
-            total += 1
-    return len(seen) / total if total else 0.0
-
-
-def zscore_groups(x_R: Array, valid_R: Array, group_size: int, eps: float = 1e-6) -> Array:
-    """(x - group mean) / (group std + eps) over each group's valid rows (population std); 0 elsewhere.
-
-    Groups whose valid values are all equal give 0, as do rows that are not valid.
-    """
-    x = jnp.asarray(x_R, jnp.float32).reshape(-1, group_size)
-    v = jnp.asarray(valid_R, bool).reshape(-1, group_size)
-    vf = v.astype(jnp.float32)
-    xv = jnp.where(v, x, 0.0)
-    n = jnp.maximum(vf.sum(axis=1, keepdims=True), 1.0)
-    mean = xv.sum(axis=1, keepdims=True) / n
-    std = jnp.sqrt((vf * (xv - mean) ** 2).sum(axis=1, keepdims=True) / n)
-    spread = jnp.where(v, x, -jnp.inf).max(axis=1, keepdims=True) - jnp.where(v, x, jnp.inf).min(axis=1, keepdims=True)
-    z = jnp.where(spread > ZERO_SPREAD_TOL, (x - mean) / (std + eps), 0.0)
-    return jnp.where(v, z, 0.0).reshape(-1)
-
-
-def combine_rewards(
-    components: Mapping[str, Array],
-    weights: Mapping[str, float],
-    valid_R: Array,
-    group_size: int,
-    *,
-    zscore: bool = False,
-    eps: float = 1e-6,
-) -> Array:
-    """sum_k weights[k] * components[k] (each z-scored inside its group first when zscore); 0 at invalid rows."""
-    total = jnp.zeros(jnp.shape(valid_R), jnp.float32)
-    for k, w in weights.items():
-        x = jnp.asarray(components[k], jnp.float32)
-        if zscore:
-            x = zscore_groups(x, valid_R, group_size, eps)
-        total = total + w * jnp.where(valid_R, x, 0.0)
-    return total
-
-
-def reward_components(
-    rcfg: RewardConfig,
-    *,
-    cme: Mapping[str, Array],
-    verifier_weights: Mapping[str, float],
-    policy: Mapping[str, Array],
-    lengths_R: Array | None,
-    random_R: Array | None,
-) -> tuple[dict[str, Array], dict[str, float]]:
-    """Every component in term order with its total weight: the one place that dispatches on reward names.
-
-    `cme` maps verifier name -> mean log-prob [R] (contrastive already applied), `policy` holds the policy
-    baselines that the terms use (see `policy_response_stats`).
-    """
-    term_w = {t.name: t.weight for t in rcfg.terms}
+def combine_parts(rcfg: RewardConfig, x: RewardInputs) -> RewardParts:
+    """Rewards of R responses: the registered terms, weighted (z-scored per group first with zscore), minus the
+    guards, with empty responses at `empty_reward`; non-finite scores are zeroed and counted (pure, jittable)."""
+    empty = jnp.asarray(x.empty, bool)
+    for forms in x.verifiers.values():
+        empty = empty | jnp.asarray(forms.empty, bool)
+    valid = ~empty
     components: dict[str, Array] = {}
     weights: dict[str, float] = {}
-    for name in rcfg.term_names:
-        if name == "cme":
-            for v, w in verifier_weights.items():
-                components[f"cme/{v}"] = cme[v]
-                weights[f"cme/{v}"] = term_w["cme"] * w
-            continue
-        if name in POLICY_TERMS:
-            components[name] = policy[name]
-        elif name == "length":
-            if lengths_R is None:
-                raise CmeError("reward 'length' needs the policy's response ids")
-            components[name] = jnp.asarray(lengths_R).astype(jnp.float32)
-        elif name == "random":
-            if random_R is None:
-                raise ValueError("reward 'random' needs an rng key")
-            components[name] = random_R
-        else:  # pragma: no cover - RewardTerm validates names
-            raise ValueError(f"unknown reward {name!r}")
-        weights[name] = term_w[name]
-    return components, weights
-
-
-def finish_rewards(
-    rcfg: RewardConfig,
-    components: Mapping[str, Array],
-    weights: Mapping[str, float],
-    empty_R: Array,
-    group_size: int,
-    *,
-    lengths_R: Array | None = None,
-    repetition_R: Array | None = None,
-) -> Array:
-    """Weighted (optionally z-scored) sum, minus the guards, with empty responses at the floor: float32 [R]."""
-    empty_R = jnp.asarray(empty_R, bool)
-    total = combine_rewards(components, weights, ~empty_R, group_size, zscore=rcfg.zscore, eps=rcfg.zscore_eps)
-    if rcfg.repetition_penalty > 0 and repetition_R is not None:
-        total = total - rcfg.repetition_penalty * jnp.asarray(repetition_R, jnp.float32)
-    if rcfg.length_penalty > 0 and lengths_R is not None:
-        over = jnp.maximum(jnp.asarray(lengths_R) - rcfg.length_penalty_start, 0).astype(jnp.float32)
+    for term in rcfg.terms:
+        out = REGISTRY[term.name].fn(rcfg, x)
+        if not isinstance(out, Mapping):
+            out = {term.name: (out, 1.0)}
+        for key, (values, w) in out.items():
+            components[key] = jnp.asarray(values, jnp.float32)
+            weights[key] = term.weight * w
+    metrics: dict[str, Array] = {}
+    n_bad = jnp.zeros((), jnp.int32)
+    for key, values in components.items():
+        bad = valid & ~jnp.isfinite(values)
+        n = bad.sum()
+        metrics[f"{key}/nonfinite"] = n.astype(jnp.float32)
+        metrics[f"{key}/nonfinite_row"] = jnp.where(n > 0, jnp.argmax(bad), -1).astype(jnp.float32)
+        components[key] = jnp.where(bad, 0.0, values)
+        n_bad = n_bad + n
+    metrics["reward/nonfinite"] = n_bad.astype(jnp.float32)
+    total = combine_rewards(components, weights, valid, x.group_size, zscore=rcfg.zscore, eps=rcfg.zscore_eps)
+    if rcfg.repetition_penalty > 0 and x.repetition is not None:
+        total = total - rcfg.repetition_penalty * jnp.asarray(x.repetition, jnp.float32)
+    if rcfg.length_penalty > 0 and x.lengths is not None:
+        over = jnp.maximum(jnp.asarray(x.lengths) - rcfg.length_penalty_start, 0).astype(jnp.float32)
         total = total - rcfg.length_penalty * over
-    return jnp.where(empty_R, jnp.float32(rcfg.empty_reward), total).astype(jnp.float32)
+    rewards = jnp.where(empty, jnp.float32(rcfg.empty_reward), total).astype(jnp.float32)
+    metrics.update(reward_metrics(rcfg, rewards, components, empty, x))
+    return RewardParts(rewards, components, empty, metrics)
+
+
+def combine(rcfg: RewardConfig, x: RewardInputs) -> tuple[Array, dict[str, Array]]:
+    """Rewards [R] float32 and per-step metrics from the inputs, under `rcfg` (pure, jittable)."""
+    parts = combine_parts(rcfg, x)
+    return parts.rewards, parts.metrics
+
+
+combine_parts_jit = jax.jit(combine_parts, static_argnums=0)
+
+
+def check_nonfinite(metrics: Mapping[str, Any], group_size: int = 1) -> dict[str, Any]:
+    """Raise one CmeError naming the source and the row when `combine` counted non-finite scores; otherwise
+    the metrics without the row markers (both training paths, score, audit and evaluate call this)."""
+    for key, value in metrics.items():
+        if not key.endswith("/nonfinite") or key == "reward/nonfinite" or not float(np.asarray(value)) > 0:
+            continue
+        comp = key.removesuffix("/nonfinite")
+        what = f"verifier {comp[4:]!r}" if comp.startswith("cme/") else f"reward {comp!r}"
+        row = int(float(np.asarray(metrics[f"{comp}/nonfinite_row"])))
+        where = (
+            f"row {row}" if group_size == 1 else f"row {row}: prompt {row // group_size}, response {row % group_size}"
+        )
+        raise CmeError(
+            f"{what} gave {int(float(np.asarray(value)))} non-finite score(s) (first at {where}); no update uses "
+            "them; run it in float32 (dtype: float32) or check the model"
+        )
+    return {k: v for k, v in metrics.items() if not k.endswith("/nonfinite_row")}
 
 
 def _mean_std(x_R: Array, valid_R: Array) -> tuple[Array, Array]:
@@ -353,17 +505,7 @@ def _mean_std(x_R: Array, valid_R: Array) -> tuple[Array, Array]:
 
 
 def reward_metrics(
-    rcfg: RewardConfig,
-    rewards_R: Array,
-    components: Mapping[str, Array],
-    empty_R: Array,
-    *,
-    verifier_truncated: Mapping[str, Array],
-    truncated_R: Array | None = None,
-    lengths_R: Array | None = None,
-    repetition_R: Array | None = None,
-    tokens_RxN: Array | None = None,
-    content_RxN: Array | None = None,
+    rcfg: RewardConfig, rewards_R: Array, components: Mapping[str, Array], empty_R: Array, x: RewardInputs
 ) -> dict[str, Array]:
     """Per-step diagnostics as float32 scalars (the same names on the host and on device).
 
@@ -372,23 +514,23 @@ def reward_metrics(
     to the verifier's max_length); with the policy's ids also response/length_mean, response/repetition_<n>
     and response/distinct_2.
     """
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
     empty_R = jnp.asarray(empty_R, bool)
     valid = ~empty_R
     out = {"reward/mean": f32(jnp.mean(rewards_R)), "reward/std": f32(jnp.std(rewards_R))}
     out["response/empty"] = f32(empty_R.sum())
-    if truncated_R is not None:
-        out["response/truncated"] = f32(jnp.asarray(truncated_R, bool).sum())
-    for k, x in components.items():
-        out[f"{k}/mean"], out[f"{k}/std"] = _mean_std(x, valid)
-    for name, t in verifier_truncated.items():
-        out[f"cme/{name}/truncated"] = f32(jnp.asarray(t, bool).sum())
-    if lengths_R is not None:
-        out["response/length_mean"] = f32(jnp.mean(jnp.asarray(lengths_R, jnp.float32)))
-    if repetition_R is not None:
-        out[f"response/repetition_{rcfg.repetition_ngram}"] = f32(jnp.mean(repetition_R))
-    if tokens_RxN is not None and content_RxN is not None:
-        out["response/distinct_2"] = distinct_ngrams(tokens_RxN, content_RxN, 2)
+    if x.truncated is not None:
+        out["response/truncated"] = f32(jnp.asarray(x.truncated, bool).sum())
+    for k, v in components.items():
+        out[f"{k}/mean"], out[f"{k}/std"] = _mean_std(v, valid)
+    for name, forms in x.verifiers.items():
+        out[f"cme/{name}/truncated"] = f32(jnp.asarray(forms.truncated, bool).sum())
+    if x.lengths is not None:
+        out["response/length_mean"] = f32(jnp.mean(jnp.asarray(x.lengths, jnp.float32)))
+    if x.repetition is not None:
+        out[f"response/repetition_{rcfg.repetition_ngram}"] = f32(jnp.mean(x.repetition))
+    if x.tokens is not None and x.content is not None:
+        out["response/distinct_2"] = distinct_ngrams(x.tokens, x.content, 2)
     return out
 
 
@@ -421,22 +563,105 @@ def policy_response_stats(
 policy_response_stats_jit = jax.jit(policy_response_stats, static_argnames=("cfg", "start", "entropy", "chunk_budget"))
 
 
-def _needs_entropy(names: Sequence[str]) -> bool:
-    return any(n in ("neg_entropy", "self_certainty") for n in names)
-
-
-def guard_inputs(tokens_RxN: Array, mask_RxN: Array, stopped_R: Array, ngram: int) -> tuple[Array, Array, Array]:
-    """Lengths, the content mask (no stop token) and the n-gram repetition of each response."""
+def response_inputs(tokens_RxN: Array, mask_RxN: Array, stopped_R: Array, ngram: int) -> dict[str, Array]:
+    """The policy-side inputs of a reward from the policy's response ids: lengths, content mask, repetition."""
     lengths = response_lengths(mask_RxN, stopped_R)
-    cmask = content_mask(mask_RxN, stopped_R)
-    return lengths, cmask, ngram_repetition(jnp.asarray(tokens_RxN), cmask, ngram)
+    content = content_mask(mask_RxN, stopped_R)
+    return {
+        "lengths": lengths,
+        "content": content,
+        "repetition": ngram_repetition(jnp.asarray(tokens_RxN), content, ngram),
+    }
 
 
-guard_inputs_jit = jax.jit(guard_inputs, static_argnames="ngram")
+response_inputs_jit = jax.jit(response_inputs, static_argnames="ngram")
+
+
+def _check_setup(rcfg: RewardConfig, verifiers: Sequence[Any], group_size: int) -> None:
+    """The checks that need the loaded verifiers and the group size (every entry point)."""
+    if "cme" in rcfg.term_names and not rcfg.verifiers:
+        raise CmeError("reward term 'cme' needs reward.verifiers; add at least one verifier model")
+    if [v.name for v in verifiers] != [v.name for v in rcfg.verifiers]:
+        raise ValueError("verifiers must be loaded from rcfg.verifiers, in the same order")
+    if rcfg.zscore and group_size < 2:
+        raise CmeError("reward.zscore needs groups of at least 2 responses per prompt (sampling.num_samples >= 2)")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Host side: one step's batch, scoring, diagnostics
+# Verifier scores of text (any tokenizer): training's host path, score, audit and evaluate
+
+
+def text_forms(
+    verifier: Verifier,
+    prompts_R: Sequence[str],
+    texts_R: Sequence[str],
+    stopped_R: Sequence[bool] | np.ndarray | None = None,
+    *,
+    both: bool = False,
+    cache: Any = None,
+    progress: bool = False,
+    **kw: Any,
+) -> VerifierForms:
+    """A verifier's scores of each (prompt, text) row after the prompt's context and, when contrastive or
+    `both`, after the empty prompt's context; distinct rows are scored once, rows in `cache` never."""
+    from tqdm import tqdm
+
+    plain = plain_verifier(verifier)
+    R = len(texts_R)
+    stopped = [True] * R if stopped_R is None else [bool(x) for x in stopped_R]
+    passes = [("plain", list(prompts_R))]
+    if both or verifier.config.contrastive:
+        passes.append(("empty prompt", [""] * R))
+    out = {}
+    for label, prompts in passes:
+        n = len(set(zip(prompts, texts_R, stopped)))
+        desc = f"cme {verifier.name}" + ("" if label == "plain" else f" ({label})")
+        with tqdm(total=n, desc=desc, unit="text", file=sys.stderr, disable=not progress) as bar:
+            out[label] = score_unique(plain, prompts, texts_R, stopped, cache=cache, progress=bar, **kw)
+    s = out["plain"]
+    bare = out["empty prompt"].mean if "empty prompt" in out else None
+    return VerifierForms(plain=s.mean, count=s.count, empty=s.empty, truncated=s.truncated, bare=bare)
+
+
+def text_inputs(
+    verifiers: Sequence[Verifier | VerifierConfig],
+    prompts_R: Sequence[str],
+    texts_R: Sequence[str],
+    stopped_R: Sequence[bool] | np.ndarray | None = None,
+    *,
+    group_size: int = 1,
+    both_forms: bool = False,
+    mesh: Any = None,
+    say: Callable[[str], None] | None = None,
+    **kw: Any,
+) -> RewardInputs:
+    """RewardInputs of texts without the policy's ids (score, audit, evaluate): each verifier's forms, loaded
+    one at a time when given as a config and released after scoring."""
+    forms = {}
+    for v in verifiers:
+        verifier = load_verifier(v, mesh=mesh) if isinstance(v, VerifierConfig) else v
+        if say is not None:
+            say(f"scoring {len(texts_R)} texts with verifier {verifier.name} ({verifier.config.model})")
+        forms[verifier.name] = text_forms(verifier, prompts_R, texts_R, stopped_R, both=both_forms, mesh=mesh, **kw)
+        del verifier
+    empty = np.array([not t for t in texts_R], bool)
+    return RewardInputs(empty=empty, verifiers=forms, group_size=group_size)
+
+
+def combine_host(rcfg: RewardConfig, x: RewardInputs) -> RewardParts:
+    """`combine` on host inputs (jitted once per shape), its arrays back as numpy, non-finite scores raised."""
+    parts = jax.device_get(combine_parts_jit(rcfg, x))
+    metrics = check_nonfinite(parts.metrics, x.group_size)
+    return RewardParts(
+        np.asarray(parts.rewards),
+        {k: np.asarray(v) for k, v in parts.components.items()},
+        np.asarray(parts.empty),
+        {k: float(v) for k, v in metrics.items()},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side: one training step's batch
 
 
 @dataclasses.dataclass
@@ -505,14 +730,14 @@ class RewardOutput:
     diagnostics: dict[str, float]
 
 
-def _verifier_scores(verifier: Verifier, batch: RewardBatch, policy: Any, **kw: Any) -> VerifierScores:
-    """Score with the fast path when the verifier shares the policy's vocabulary, else through text."""
-    if policy is not None and batch.has_tokens and verifier.shares_vocabulary(policy.tokenizer):
-        return _fast_scores(verifier, batch, kw.get("chunk_budget", DEFAULT_CHUNK_ELEMENTS))
-    return score_texts(verifier, batch.row_prompts(), batch.responses, batch.stopped, **kw)
+def verifier_contexts(verifier: Verifier, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The verifier's context ids of each prompt, left-padded to a length bucket: int32 [P, C] and mask."""
+    ctx = [verifier.context_ids(p) for p in prompts]
+    return left_pad(ctx, bucket_length(max(map(len, ctx))), verifier.pad)
 
 
-def _fast_scores(verifier: Verifier, batch: RewardBatch, chunk_budget: int) -> VerifierScores:
+def _fast_forms(verifier: Verifier, batch: RewardBatch, chunk_budget: int) -> VerifierForms:
+    """Scores from the policy's ids on device, for a verifier that shares the policy's vocabulary."""
     vc = verifier.config
     kw = dict(
         end_id=verifier.end_id if verifier.end_id is not None else 0,
@@ -527,20 +752,11 @@ def _fast_scores(verifier: Verifier, batch: RewardBatch, chunk_budget: int) -> V
 
     def run(prompts: Sequence[str]) -> dict[str, np.ndarray]:
         toks, mask = verifier_contexts(verifier, prompts)
-        out = score_same_vocab_jit(weights, cfg, toks, mask, *args, **kw)
-        return {k: np.asarray(v) for k, v in out.items()}
+        return {k: np.asarray(v) for k, v in score_same_vocab_jit(weights, cfg, toks, mask, *args, **kw).items()}
 
     out = run(batch.prompts)
-    mean = out["mean"]
-    if vc.contrastive:
-        mean = mean - run([""])["mean"]
-    return VerifierScores(mean.astype(np.float32), out["count"], out["empty"], out["truncated"])
-
-
-def verifier_contexts(verifier: Verifier, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The verifier's context ids of each prompt, left-padded to a length bucket: int32 [P, C] and mask."""
-    ctx = [verifier.context_ids(p) for p in prompts]
-    return left_pad(ctx, bucket_length(max(map(len, ctx))), verifier.pad)
+    bare = run([""])["mean"] if vc.contrastive else None
+    return VerifierForms(out["mean"], out["count"], out["empty"], out["truncated"], bare)
 
 
 def _policy_stats(batch: RewardBatch, policy: Any, names: Sequence[str], chunk_budget: int) -> dict[str, np.ndarray]:
@@ -548,10 +764,11 @@ def _policy_stats(batch: RewardBatch, policy: Any, names: Sequence[str], chunk_b
         raise CmeError(f"reward {names[0]!r} needs the policy model and its prompt and response ids")
     tokens, mask = join_prompts(batch.prompt_tokens, batch.prompt_mask, batch.response_tokens, batch.response_mask)
     start = int(np.shape(batch.prompt_tokens)[1])
+    entropy = any(n != "self_loglik" for n in names)
     out = policy_response_stats_jit(
-        policy.weights, policy.cfg, tokens, mask, start=start, entropy=_needs_entropy(names), chunk_budget=chunk_budget
+        policy.weights, policy.cfg, tokens, mask, start=start, entropy=entropy, chunk_budget=chunk_budget
     )
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {k: np.asarray(v) for k, v in out.items() if k in names}
 
 
 def compute_rewards(
@@ -564,77 +781,50 @@ def compute_rewards(
     batch_size: int | None = None,
     mesh: Any = None,
     chunk_budget: int = DEFAULT_CHUNK_ELEMENTS,
-    progress: Any = None,
     skip_unweighted: bool = False,
 ) -> RewardOutput:
-    """Rewards of one step's responses under `rcfg`, on the host (any verifier tokenizer).
-
-    With `skip_unweighted`, verifiers whose total weight is 0 (monitors, which the trainer's held-out
-    evaluation scores) are not scored: they cannot change a reward.
+    """Rewards of one step's responses under `rcfg`, on the host (any verifier tokenizer), through `combine`.
 
     `verifiers` are loaded in the order of rcfg.verifiers. `policy` (anything with .weights, .cfg and
-    .tokenizer, e.g. a LoadedModel) is needed by the policy baselines and enables the same-vocabulary
-    fast path. `rng` is needed by the random reward. Non-finite scores raise CmeError naming the source.
+    .tokenizer, e.g. a LoadedModel) is needed by the policy baselines and enables the same-vocabulary fast
+    path. `rng` is needed by the random reward. With `skip_unweighted`, verifiers whose total weight is 0
+    (monitors, which the trainer's held-out evaluation scores) are not scored: they cannot change a reward.
+    Non-finite scores raise CmeError naming the source and the row.
     """
-    R, G = len(batch.responses), batch.group_size
-    names = rcfg.term_names
+    G = batch.group_size
     _check_setup(rcfg, verifiers, G)
     if rcfg.needs_policy_tokens and not batch.has_tokens:
         raise CmeError("the policy baselines and the guards need the policy's response ids; only cme works on text")
     empty = np.array([not r for r in batch.responses], bool)
-    lengths = cmask = rep = None
+    side: dict[str, Any] = {}
     if batch.has_tokens:
         ids = (batch.response_tokens, batch.response_mask, np.asarray(batch.stopped))
-        lengths, cmask, rep = (np.asarray(x) for x in guard_inputs_jit(*ids, ngram=rcfg.repetition_ngram))
-        empty |= lengths <= 0
-
-    scores: dict[str, VerifierScores] = {}
-    if "cme" in names:
-        kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget, progress=progress)
+        side = {k: np.asarray(v) for k, v in response_inputs_jit(*ids, ngram=rcfg.repetition_ngram).items()}
+        side["tokens"] = np.asarray(batch.response_tokens)
+        empty |= side["lengths"] <= 0
+    forms: dict[str, VerifierForms] = {}
+    if "cme" in rcfg.term_names:
         cme_weight = next(t.weight for t in rcfg.terms if t.name == "cme")
-        if skip_unweighted:
-            verifiers = [v for v in verifiers if cme_weight * v.config.weight != 0]
+        kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget)
         for v in verifiers:
-            scores[v.name] = _verifier_scores(v, batch, policy, **kw)
-            empty |= scores[v.name].empty
-    valid = ~empty
-    for name, s in scores.items():
-        check_finite(s.mean, valid, f"verifier {name!r}")
-    used = [n for n in names if n in POLICY_TERMS]
-    stats = _policy_stats(batch, policy, used, chunk_budget) if used else {}
-    for name in used:
-        check_finite(stats[name], valid, f"reward {name!r}")
-    random_R = None
-    if "random" in names and rng is not None:
-        random_R = np.asarray(jax.random.uniform(rng, (R,)), np.float32)
-
-    components, weights = reward_components(
-        rcfg,
-        cme={k: s.mean for k, s in scores.items()},
-        verifier_weights={v.name: v.config.weight for v in verifiers},
+            if skip_unweighted and cme_weight * v.config.weight == 0:
+                continue
+            if policy is not None and batch.has_tokens and v.shares_vocabulary(policy.tokenizer):
+                forms[v.name] = _fast_forms(v, batch, chunk_budget)
+            else:
+                forms[v.name] = text_forms(v, batch.row_prompts(), batch.responses, batch.stopped, **kw)
+    stats = _policy_stats(batch, policy, rcfg.policy_stats, chunk_budget) if rcfg.policy_stats else {}
+    x = RewardInputs(
+        empty=empty,
+        verifiers=forms,
         policy=stats,
-        lengths_R=lengths,
-        random_R=random_R,
+        truncated=None if batch.truncated is None else np.asarray(batch.truncated, bool),
+        rng=rng,
+        group_size=G,
+        **side,
     )
-    total = finish_rewards(rcfg, components, weights, empty, G, lengths_R=lengths, repetition_R=rep)
-    metrics = reward_metrics(
-        rcfg,
-        total,
-        components,
-        empty,
-        verifier_truncated={k: s.truncated for k, s in scores.items()},
-        truncated_R=batch.truncated,
-        lengths_R=lengths,
-        repetition_R=rep,
-        tokens_RxN=None if cmask is None else np.asarray(batch.response_tokens),
-        content_RxN=cmask,
-    )
-    return RewardOutput(
-        np.asarray(total),
-        {k: np.asarray(v) for k, v in components.items()},
-        empty,
-        {k: float(v) for k, v in metrics.items()},
-    )
+    parts = combine_host(rcfg, x)
+    return RewardOutput(parts.rewards, parts.components, parts.empty, parts.metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -646,7 +836,6 @@ class _VerifierStatic:
     """What the device reward needs of a verifier besides its weights (closed over: Python constants)."""
 
     name: str
-    weight: float
     cfg: ModelConfig
     end_id: int
     score_eos: bool
@@ -661,16 +850,16 @@ class DeviceReward:
 
     `fn(policy_params, ro, prompts_R, pmask_R, frozen) -> (rewards_R float32, metrics)` is jittable; the
     frozen models and this step's verifier contexts come in through `frozen` (from `frozen(prompts, rng)`),
-    placed by `frozen_shardings(mesh)`. Rewards equal `compute_rewards` on the same rollout; the metrics
-    carry the same names as its diagnostics, plus `<component>/nonfinite` counts, which `check` turns into
-    the host path's error (rows with a non-finite score turn every reward of the step into NaN, so the
-    update is skipped and nothing non-finite is learned from).
+    placed by `frozen_shardings(mesh)`. Rewards equal `compute_rewards` on the same rollout (both call
+    `combine`); `check` raises the host path's error when the metrics count non-finite scores (the fused
+    step skips its update then).
     """
 
     fn: Callable[..., tuple[Array, dict[str, Array]]]
     rcfg: RewardConfig
     verifiers: tuple[Verifier, ...]
     hidden_ids: np.ndarray
+    group_size: int
 
     def frozen(self, prompts: Sequence[str], rng: Array | None = None) -> dict[str, Any]:
         """This step's frozen inputs: per verifier its weights and context ids [P, C] (left-padded to a
@@ -700,17 +889,9 @@ class DeviceReward:
             vs.append(entry)
         return {"verifiers": tuple(vs), "hidden_ids": rep, "rng": rep}
 
-    def check(self, metrics: Mapping[str, Any]) -> None:
-        """Raise the host path's CmeError when a step's metrics count non-finite scores."""
-        for key, value in metrics.items():
-            if not key.endswith("/nonfinite") or not float(np.asarray(value)) > 0:
-                continue
-            comp = key.removesuffix("/nonfinite")
-            what = f"verifier {comp[4:]!r}" if comp.startswith("cme/") else f"reward {comp!r}"
-            raise CmeError(
-                f"{what} gave {int(float(np.asarray(value)))} non-finite score(s) this step (the update was skipped); "
-                "run it in float32 (dtype: float32) or check the model"
-            )
+    def check(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The host path's CmeError when a step's metrics count non-finite scores; else the metrics to log."""
+        return check_nonfinite(metrics, self.group_size)
 
 
 def device_reward_fn(
@@ -725,8 +906,9 @@ def device_reward_fn(
 ) -> DeviceReward | None:
     """The reward as one pure device function, or None when a verifier needs text (another vocabulary).
 
-    Everything `compute_rewards` does runs on device from the policy's ids: verifier rows are built with
-    `score_same_vocab` (special tokens dropped as decoding drops them), the baselines from one policy forward.
+    The inputs `compute_rewards` gathers on the host are built on device from the policy's ids (verifier rows
+    by `score_same_vocab`, special tokens dropped as decoding drops them; the baselines from one policy
+    forward), then the same `combine` runs.
     """
     names = rcfg.term_names
     verifiers = tuple(verifiers) if "cme" in names else ()
@@ -736,7 +918,6 @@ def device_reward_fn(
     statics = tuple(
         _VerifierStatic(
             v.name,
-            v.config.weight,
             v.model.cfg,
             v.end_id if v.end_id is not None else 0,
             v.config.score_eos,
@@ -746,16 +927,14 @@ def device_reward_fn(
         )
         for v in verifiers
     )
-    used = [n for n in names if n in POLICY_TERMS]
+    stat_names = rcfg.policy_stats
     G = group_size
 
     def fn(policy_params: Weights, ro: Any, prompts_R: Array, pmask_R: Array, frozen: Any):
-        R = ro.tokens.shape[0]
         hidden = frozen["hidden_ids"]
-        lengths, cmask, rep = guard_inputs(ro.tokens, ro.mask, ro.stopped, rcfg.repetition_ngram)
+        side = response_inputs(ro.tokens, ro.mask, ro.stopped, rcfg.repetition_ngram)
         _, visible = visible_response(ro.tokens, ro.mask, ro.stopped, hidden, 0)
-        empty = (lengths <= 0) | (visible <= 0)
-        cme, cut = {}, {}
+        forms = {}
         for st, fz in zip(statics, frozen["verifiers"]):
             kw = dict(
                 end_id=st.end_id,
@@ -769,52 +948,35 @@ def device_reward_fn(
             args = (ro.tokens, ro.mask, ro.stopped)
             with jax.named_scope(f"verifier_{st.name}"):
                 out = score_same_vocab(fz["weights"], st.cfg, fz["context"], fz["context_mask"], *args, **kw)
-                mean = out["mean"]
+                bare = None
                 if st.contrastive:
-                    bare = score_same_vocab(fz["weights"], st.cfg, fz["bare"], fz["bare_mask"], *args, **kw)
-                    mean = mean - bare["mean"]
-            cme[st.name], cut[st.name] = mean, out["truncated"]
-            empty = empty | out["empty"]
+                    bare = score_same_vocab(fz["weights"], st.cfg, fz["bare"], fz["bare_mask"], *args, **kw)["mean"]
+            forms[st.name] = VerifierForms(out["mean"], out["count"], out["empty"], out["truncated"], bare)
         stats = {}
-        if used:
+        if stat_names:
             tokens = jnp.concatenate([prompts_R, ro.tokens.astype(prompts_R.dtype)], axis=1)
             mask = jnp.concatenate([pmask_R.astype(bool), ro.mask.astype(bool)], axis=1)
-            stats = policy_response_stats(
+            entropy = any(n != "self_loglik" for n in stat_names)
+            out = policy_response_stats(
                 policy_params,
                 policy_cfg,
                 tokens,
                 mask,
                 start=prompts_R.shape[1],
-                entropy=_needs_entropy(used),
+                entropy=entropy,
                 chunk_budget=chunk_budget,
             )
-        random_R = jax.random.uniform(frozen["rng"], (R,)) if "random" in names else None
-        components, weights = reward_components(
-            rcfg,
-            cme=cme,
-            verifier_weights={st.name: st.weight for st in statics},
+            stats = {k: v for k, v in out.items() if k in stat_names}
+        x = RewardInputs(
+            empty=(side["lengths"] <= 0) | (visible <= 0),
+            verifiers=forms,
             policy=stats,
-            lengths_R=lengths,
-            random_R=random_R,
+            truncated=ro.truncated,
+            tokens=ro.tokens,
+            rng=frozen["rng"] if "random" in names else None,
+            group_size=G,
+            **side,
         )
-        total = finish_rewards(rcfg, components, weights, empty, G, lengths_R=lengths, repetition_R=rep)
-        valid = ~empty
-        nonfinite = {k: (valid & ~jnp.isfinite(x)).sum() for k, x in components.items() if k != "length"}
-        bad = sum((n for n in nonfinite.values()), jnp.zeros((), jnp.int32)) > 0
-        total = jnp.where(bad, jnp.nan, total)
-        metrics = reward_metrics(
-            rcfg,
-            total,
-            components,
-            empty,
-            verifier_truncated=cut,
-            truncated_R=ro.truncated,
-            lengths_R=lengths,
-            repetition_R=rep,
-            tokens_RxN=ro.tokens,
-            content_RxN=cmask,
-        )
-        metrics.update({f"{k}/nonfinite": n.astype(jnp.float32) for k, n in nonfinite.items()})
-        return total, metrics
+        return combine(rcfg, x)
 
-    return DeviceReward(fn, rcfg, tuple(verifiers), hidden_token_ids(policy_tokenizer))
+    return DeviceReward(fn, rcfg, tuple(verifiers), hidden_token_ids(policy_tokenizer), G)

@@ -184,13 +184,6 @@ def draw(logits_RxV: Array, u_R: Array, scfg: SamplingConfig) -> tuple[Array, Ar
     return _draw_VxR(logits_RxV.T, u_R, scfg)
 
 
-def filter_logits(logits_RxV: Array, scfg: SamplingConfig) -> Array:
-    """Temperature-scaled logits with the tokens that top-k / top-p / min-p remove set to -inf."""
-    s = logits_RxV.T.astype(jnp.float32) / (scfg.temperature or 1.0)
-    keep = _keep_VxR(s, jnp.exp(s - jnp.max(s, axis=0, keepdims=True)), scfg)
-    return (s if keep is None else jnp.where(keep, s, -jnp.inf)).T
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The sampler
 

@@ -10,11 +10,14 @@ is the policy's, `score_same_vocab` builds the same rows on device from the poli
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,12 +268,14 @@ def score_rows(
         return _score_block(weights, cfg, tokens_BxT, mask_BxT, start, chunk_budget)
     rows = -(-B // n)
     pad = ((0, rows * n - B), (0, 0))
-    tokens_nxRxT = jnp.pad(tokens_BxT, pad).reshape(rows, n, T).transpose(1, 0, 2)
-    mask_nxRxT = jnp.pad(mask_BxT, pad).reshape(rows, n, T).transpose(1, 0, 2)
+    # Row i goes to block i % n, so each block takes rows spread over the whole (possibly sharded) batch.
+    tokens_nxRxT = einops.rearrange(jnp.pad(tokens_BxT, pad), "(r n) t -> n r t", n=n)
+    mask_nxRxT = einops.rearrange(jnp.pad(mask_BxT, pad), "(r n) t -> n r t", n=n)
     total_nxR, count_nxR = jax.lax.map(
         lambda xs: _score_block(weights, cfg, xs[0], xs[1], start, chunk_budget), (tokens_nxRxT, mask_nxRxT)
     )
-    return total_nxR.T.reshape(-1)[:B], count_nxR.T.reshape(-1)[:B]
+    unblock = lambda x_nxR: einops.rearrange(x_nxR, "n r -> (r n)")[:B]
+    return unblock(total_nxR), unblock(count_nxR)
 
 
 score_rows_jit = jax.jit(score_rows, static_argnames=("cfg", "start", "chunk_budget", "block_tokens"))
@@ -574,3 +579,63 @@ def check_finite(values: np.ndarray, valid: np.ndarray, what: str) -> None:
             f"{what} gave {int(bad.sum())} non-finite score(s) of {len(values)} (first at row {first}); "
             "run it in float32 (dtype: float32) or check the model"
         )
+
+
+def plain_verifier(verifier: Verifier) -> Verifier:
+    """The verifier in its plain form (itself unless its config is contrastive), sharing the loaded model."""
+    if not verifier.config.contrastive:
+        return verifier
+    return Verifier.from_model(dataclasses.replace(verifier.config, contrastive=False), verifier.model)
+
+
+def score_key(verifier: Verifier, prompt: str, text: str, stopped: bool) -> str:
+    """Cache key of one scored row: everything in the verifier's config that changes its scores, and the row."""
+    vc = verifier.config
+    ident = {k: getattr(vc, k) for k in ("model", "context", "template", "max_length", "score_eos", "dtype")}
+    blob = json.dumps({"verifier": ident, "prompt": prompt, "text": text, "stopped": stopped}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def score_unique(
+    verifier: Verifier,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    stopped: Sequence[bool] | np.ndarray | None = None,
+    *,
+    cache: Any = None,
+    **kw: Any,
+) -> VerifierScores:
+    """`score_texts` of each row, scoring each distinct (prompt, text, stopped) row once and none found in `cache`
+    (anything with get(key) -> str | None and put(key, tag, str), e.g. judging.JudgmentCache)."""
+    stopped = [True] * len(texts) if stopped is None else [bool(x) for x in stopped]
+    keys = list(zip(prompts, texts, stopped))
+    index: dict[tuple[str, str, bool], int] = {}
+    for k in keys:
+        index.setdefault(k, len(index))
+    uniq = list(index)
+    n = len(uniq)
+    out = VerifierScores(np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, bool))
+    hashes = [score_key(verifier, *k) if cache is not None else "" for k in uniq]
+    todo = []
+    for i, h in enumerate(hashes):
+        hit = cache.get(h) if cache is not None else None
+        if hit is None:
+            todo.append(i)
+            continue
+        out.mean[i], out.count[i], out.empty[i], out.truncated[i] = json.loads(hit)
+    if todo:
+        s = score_texts(
+            verifier, [uniq[i][0] for i in todo], [uniq[i][1] for i in todo], [uniq[i][2] for i in todo], **kw
+        )
+        for j, i in enumerate(todo):
+            out.mean[i], out.count[i], out.empty[i], out.truncated[i] = (
+                s.mean[j],
+                s.count[j],
+                s.empty[j],
+                s.truncated[j],
+            )
+            if cache is not None:
+                row = [float(s.mean[j]), int(s.count[j]), bool(s.empty[j]), bool(s.truncated[j])]
+                cache.put(hashes[i], verifier.config.model, json.dumps(row))
+    idx = np.array([index[k] for k in keys], np.int64)
+    return VerifierScores(out.mean[idx], out.count[idx], out.empty[idx], out.truncated[idx])

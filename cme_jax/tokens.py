@@ -116,14 +116,3 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.n
             toks[i, length - len(s) :] = s
             mask[i, length - len(s) :] = True
     return toks, mask
-
-
-def right_pad(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32 tokens [B, length] and their bool mask."""
-    toks = np.full((len(seqs), length), pad, np.int32)
-    mask = np.zeros((len(seqs), length), bool)
-    for i, s in enumerate(seqs):
-        n = min(len(s), length)
-        toks[i, :n] = s[:n]
-        mask[i, :n] = True
-    return toks, mask

@@ -28,7 +28,8 @@ from cme_jax import rewards as rewards_lib
 from cme_jax.checkpoint import CheckpointManager, install_preemption_handler
 from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config
 from cme_jax.errors import CmeError, cli_main
-from cme_jax.metrics import RunLogger, read_jsonl
+from cme_jax.files import read_run_log
+from cme_jax.metrics import RunLogger
 from cme_jax.models.sharding import batch_sharding, make_mesh, replicated, weight_shardings
 from cme_jax.prompts import PromptSampler, PromptSet, load_prompts
 from cme_jax.sampling import Rollout, SamplingConfig, response_token_lists, sample_jit
@@ -288,6 +289,13 @@ def load_run(cfg: TrainConfig) -> Run:
             "train.heldout_every needs held-out prompts, and none remain after filtering; raise "
             "data.heldout_fraction or data.max_prompt_tokens"
         )
+    # Every other model spec resolves too (local files exist, Hub snapshots and embedded files are fetched), so a
+    # wrong path fails here, in one line, not after the policy has loaded.
+    others = [vc.model for vc in cfg.reward.verifiers]
+    if cfg.model.reference not in (None, "policy"):
+        others.append(cfg.model.reference)
+    for spec in others:
+        resolve(spec)
     if is_main():  # the input is valid: record it before the (slow) model loads
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +365,7 @@ class Stepper:
             frozen = self.device_reward.frozen(list(texts), reward_rng)
             frozen = jax.tree.map(put_global, frozen, self.frozen_shardings)
             state, metrics, ro = self.fns.fused(state, toks, mask, stops, run.ref_params, frozen)
-            metrics = jax.device_get(metrics)
+            metrics = self.device_reward.check(jax.device_get(metrics))
             ro_host = jax.tree.map(to_host, ro)
             return state, metrics, ro_host, {"time/step": time.perf_counter() - t0}
         ro = self.fns.rollout(state, toks, mask, stops)
@@ -471,6 +479,16 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
     ckpt = CheckpointManager(
         run_dir, save_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
+    # Every way out (an error, SIGTERM, Ctrl-C) closes the checkpoint manager: pending saves finish and orbax's
+    # threads stop before the interpreter does.
+    try:
+        return _train(cfg, ckpt, mode, stop_after)
+    finally:
+        ckpt.close()
+
+
+def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int | None) -> TrainResult:
+    run_dir = Path(cfg.run_dir)
     latest = ckpt.latest_step()
     if mode == "require" and latest is None:
         raise CmeError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
@@ -480,7 +498,6 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
         )
     if latest is not None and latest >= cfg.train.steps:
         log(f"{run_dir} is complete (step {latest} of train.steps={cfg.train.steps}); raise train.steps to go on")
-        ckpt.close()
         return TrainResult(run_dir, None, latest)
     run = load_run(cfg)
     if cfg.audit_at_start and run.verifiers:
@@ -514,7 +531,7 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
 
     logger = RunLogger(run_dir, cfg.logging, cfg.train.steps, start_step, active=is_main())
     dog, events = start_watchdog(cfg, start_step)
-    heldout_rows = [r for r in last_row_per_step(read_jsonl(run_dir / HELDOUT_FILE)) if r["step"] <= start_step]
+    heldout_rows = [r for r in last_row_per_step(read_run_log(run_dir / HELDOUT_FILE)) if r["step"] <= start_step]
     every = cfg.train.heldout_every
 
     def evaluate_heldout(step: int) -> None:
@@ -633,7 +650,8 @@ def enable_compilation_cache() -> None:
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    # Overrides may stand on either side of a flag: --config F a.b=1 --no-resume c.d=2.
+    args = build_parser().parse_intermixed_args(argv)
     enable_compilation_cache()
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

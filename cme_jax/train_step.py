@@ -11,12 +11,24 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from cme_jax.grpo import GRPOConfig, Metrics, aggregate_metrics, group_advantages, policy_loss, sum_metrics
+from cme_jax.grpo import (
+    GRPOConfig,
+    LossBatch,
+    LossFn,
+    Metrics,
+    aggregate_metrics,
+    group_advantages,
+    policy_loss,
+    sampler_mismatch,
+    sum_metrics,
+    tis_weights,
+)
 from cme_jax.models.logprobs import token_stats
 from cme_jax.models.transformer import Array, ModelConfig, Weights
 from cme_jax.sampling import Rollout, SamplingConfig, sample
@@ -161,14 +173,20 @@ def join_rollout(prompts_BxP: Array, pmask_BxP: Array, ro: Rollout, group_size: 
 
 
 def response_logprobs(
-    params: Weights, cfg: ModelConfig, batch: UpdateBatch, prompt_len: int, sc: StepConfig, entropy: bool = False
+    params: Weights,
+    cfg: ModelConfig,
+    tokens: Array,
+    mask: Array,
+    prompt_len: int,
+    sc: StepConfig,
+    entropy: bool = False,
 ) -> dict[str, Array]:
     """Per-token stats of the response tokens under `params` (temperature-scaled like the sampler)."""
     return token_stats(
         compute_params(params, sc.compute_dtype),
         cfg,
-        batch.tokens,
-        batch.mask,
+        tokens,
+        mask,
         start=prompt_len,
         temperature=sc.temperature,
         entropy=entropy,
@@ -177,8 +195,11 @@ def response_logprobs(
 
 def _split_rows(x: Array, minibatches: int, micro: int) -> Array:
     """[R, ...] -> [M, K, R/(M*K), ...] with row i in minibatch i % M, so every minibatch spans all devices."""
-    r = x.shape[0] // (minibatches * micro)
-    return x.reshape(r, micro, minibatches, *x.shape[1:]).transpose(2, 1, 0, *range(3, x.ndim + 2))
+    return einops.rearrange(x, "(r k m) ... -> m k r ...", k=micro, m=minibatches)
+
+
+def _zeros_like_tree(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
 
 def update(
@@ -190,75 +211,113 @@ def update(
     cfg: ModelConfig,
     sc: StepConfig,
     optimizer: optax.GradientTransformation,
+    loss_fn: LossFn = policy_loss,
+    rewards_ok: Array | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """Advantages, old/ref log-probs, then num_iterations x minibatches optimizer updates (pure, jittable)."""
+    """Advantages, old/ref log-probs, then num_iterations x minibatches optimizer updates (pure, jittable).
+
+    `loss_fn(LossBatch, GRPOConfig) -> (loss_sum, denominator, metrics)` is the objective; `rewards_ok` (a bool
+    scalar) false skips every update of the step, as a non-finite loss does.
+    """
     G, grpo = sc.group_size, sc.grpo
     R, N = batch.response_mask.shape
     P = batch.tokens.shape[1] - N
     sc.check_rows(R)
+    M, K = sc.minibatches, sc.micro_batches
+    n_updates = sc.num_iterations * M
     adv_R, adv_stats = group_advantages(rewards_R.astype(jnp.float32), G, grpo.advantage_mode, grpo.advantage_eps)
-    with jax.named_scope("old_logprobs"):
-        if sc.num_iterations == 1:
-            old = batch.sampler_logp
-        else:
-            old = jax.lax.stop_gradient(response_logprobs(state.params, cfg, batch, P, sc)["logp"])
-    ref = None
-    if grpo.beta > 0:
-        if ref_params is None:
-            raise ValueError("grpo.beta > 0 needs reference weights")
-        with jax.named_scope("ref_logprobs"):
-            ref = jax.lax.stop_gradient(response_logprobs(ref_params, cfg, batch, P, sc)["logp"])
-
     data = {
         "tokens": batch.tokens,
         "mask": batch.mask,
         "response_mask": batch.response_mask,
-        "old": old,
+        "sampler": batch.sampler_logp,
         "adv": adv_R,
         "truncated": batch.truncated,
     }
-    if ref is not None:
-        data["ref"] = ref
-    M, K = sc.minibatches, sc.micro_batches
+    # With one update, the weights being trained are the old policy: its log-probs come from the loss's own
+    # forward (stop_gradient), so recomputing them costs nothing. Otherwise one forward before the updates.
+    if grpo.old_logp == "recompute" and n_updates > 1:
+        with jax.named_scope("old_logprobs"):
+            data["old"] = jax.lax.stop_gradient(
+                response_logprobs(state.params, cfg, batch.tokens, batch.mask, P, sc)["logp"]
+            )
+    if grpo.beta > 0:
+        if ref_params is None:
+            raise ValueError("grpo.beta > 0 needs reference weights")
+        with jax.named_scope("ref_logprobs"):
+            data["ref"] = jax.lax.stop_gradient(
+                response_logprobs(ref_params, cfg, batch.tokens, batch.mask, P, sc)["logp"]
+            )
     data = jax.tree.map(lambda x: _split_rows(x, M, K), data)
 
-    def loss_fn(params, x):
-        mb = UpdateBatch(x["tokens"], x["mask"], x["response_mask"], x["old"], x["truncated"], x["response_mask"])
-        stats = response_logprobs(params, cfg, mb, P, sc, entropy=sc.log_entropy)
-        loss_sum, den, metrics = policy_loss(
-            stats["logp"],
-            x["old"],
-            x.get("ref"),
-            x["adv"],
-            x["response_mask"],
-            grpo,
-            truncated_B=x["truncated"],
-            entropy_BxT=stats.get("entropy"),
+    def loss_of(params: Weights, x: dict[str, Array], first: Array) -> tuple[Array, tuple[Array, Metrics]]:
+        """The loss of one micro-batch; `first` is 1.0 in the step's first update (the weights that sampled)."""
+        stats = response_logprobs(params, cfg, x["tokens"], x["mask"], P, sc, entropy=sc.log_entropy)
+        logp = stats["logp"]
+        if "old" in x:
+            old, at_old = x["old"], jnp.ones(())
+        elif grpo.old_logp == "recompute":
+            old, at_old = jax.lax.stop_gradient(logp), first
+        else:
+            old, at_old = x["sampler"], first
+        learner_old = jax.lax.stop_gradient(old if "old" in x else logp)
+        weight = None
+        if grpo.sampler_correction == "tis":
+            weight = tis_weights(old, x["sampler"], x["response_mask"], grpo.tis_cap)
+        lb = LossBatch(
+            logp=logp,
+            old_logp=old,
+            sampler_logp=x["sampler"],
+            advantages=x["adv"],
+            mask=x["response_mask"],
+            truncated=x["truncated"],
+            ref_logp=x.get("ref"),
+            entropy=stats.get("entropy"),
+            is_weight=weight,
         )
+        loss_sum, den, metrics = loss_fn(lb, grpo)
+        # Sampler/learner mismatch, measured where the learner's weights are the sampler's.
+        for k, (v, n) in sampler_mismatch(learner_old, x["sampler"], x["response_mask"]).items():
+            metrics[k] = (v * at_old, n * at_old)
+        if weight is not None:
+            n_tok = x["response_mask"].astype(jnp.float32).sum()
+            clipped = (weight >= grpo.tis_cap) & (x["response_mask"] > 0)
+            metrics["tis/weight_mean"] = (weight.sum(), n_tok)
+            metrics["tis/capped_frac"] = (clipped.astype(jnp.float32).sum(), n_tok)
         return loss_sum, (den, metrics)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # One traced copy of forward + backward: every micro-batch of every update goes through this function.
+    @jax.jit
+    def microbatch_grad(params: Weights, x: dict[str, Array], first: Array) -> Any:
+        return jax.value_and_grad(loss_of, has_aux=True)(params, x, first)
+
+    x0 = jax.tree.map(lambda x: x[0, 0], data)
+    shapes = jax.eval_shape(microbatch_grad, state.params, x0, jnp.ones(()))
+    (loss_shape, (den_shape, met_shape)), grad_shape = shapes
+    skip_all = jnp.zeros((), bool) if rewards_ok is None else ~jnp.asarray(rewards_ok, bool)
 
     def one_update(carry, i):
         params, opt_state, totals = carry
         mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i % M, keepdims=False), data)
+        first = (i == 0).astype(jnp.float32)
 
         def micro(acc, x):
             g_acc, loss_acc, den_acc, met_acc = acc
-            (loss_sum, (den, met)), g = grad_fn(params, x)
-            g_acc = jax.tree.map(jnp.add, g_acc, g)
-            met_acc = met if met_acc is None else sum_metrics(met_acc, met)
-            return (g_acc, loss_acc + loss_sum, den_acc + den, met_acc), None
+            (loss_sum, (den, met)), g = microbatch_grad(params, x, first)
+            return (
+                jax.tree.map(jnp.add, g_acc, g),
+                loss_acc + loss_sum,
+                den_acc + den,
+                sum_metrics(met_acc, met),
+            ), None
 
-        first = jax.tree.map(lambda x: x[0], mb)
-        (loss0, (den0, met0)), g0 = grad_fn(params, first)
-        rest = jax.tree.map(lambda x: x[1:], mb)
-        (g_sum, loss_sum, den_sum, met), _ = jax.lax.scan(micro, (g0, loss0, den0, met0), rest)
+        init = _zeros_like_tree((grad_shape, loss_shape, den_shape, met_shape))
+        (g_sum, loss_sum, den_sum, met), _ = jax.lax.scan(micro, init, mb)
         denom = jnp.maximum(den_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = loss_sum / denom
         gnorm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & ~skip_all
 
         def apply(params, opt_state):
             updates, new_opt = optimizer.update(grads, opt_state, params)
@@ -274,13 +333,14 @@ def update(
             "grad_norm": (jnp.where(finite, gnorm, 0.0), f),
             "skipped_updates": (1.0 - f, jnp.ones(())),
         }
-        totals = step_metrics if totals is None else sum_metrics(totals, step_metrics)
-        return (params, opt_state, totals), None
+        return (params, opt_state, sum_metrics(totals, step_metrics)), None
 
-    n_updates = sc.num_iterations * M
-    (params0, opt0, tot0), _ = one_update((state.params, state.opt_state, None), jnp.asarray(0))
+    totals0 = {
+        **_zeros_like_tree(met_shape),
+        **{k: (jnp.zeros(()), jnp.zeros(())) for k in ("loss", "grad_norm", "skipped_updates")},
+    }
     (params, opt_state, totals), _ = jax.lax.scan(
-        one_update, (params0, opt0, tot0), jnp.arange(1, n_updates, dtype=jnp.int32)
+        one_update, (state.params, state.opt_state, totals0), jnp.arange(n_updates, dtype=jnp.int32)
     )
     metrics = aggregate_metrics(totals)
     metrics["skipped_updates"] = totals["skipped_updates"][0]
@@ -358,8 +418,12 @@ def fused_step(
     optimizer: optax.GradientTransformation,
     reward_fn: DeviceRewardFn,
     pad_id: int,
+    loss_fn: LossFn = policy_loss,
 ) -> tuple[TrainState, dict[str, Array], Rollout]:
-    """Sample, score on device, and update: the whole RL step in one function."""
+    """Sample, score on device, and update: the whole RL step in one function.
+
+    A step whose reward metrics count non-finite scores (`reward/nonfinite`) skips its updates.
+    """
     ro = rollout(state, prompts_BxP, pmask_BxP, stop_ids, cfg=cfg, sc=sc, pad_id=pad_id)
     G = sc.group_size
     prompts_R = jnp.repeat(prompts_BxP, G, axis=0)
@@ -369,7 +433,10 @@ def fused_step(
             compute_params(state.params, sc.compute_dtype), ro, prompts_R, pmask_R, frozen
         )
     batch = join_rollout(prompts_BxP, pmask_BxP, ro, G)
-    state, metrics = update(state, batch, rewards, ref_params, cfg=cfg, sc=sc, optimizer=optimizer)
+    ok = reward_metrics["reward/nonfinite"] == 0 if "reward/nonfinite" in reward_metrics else None
+    state, metrics = update(
+        state, batch, rewards, ref_params, cfg=cfg, sc=sc, optimizer=optimizer, loss_fn=loss_fn, rewards_ok=ok
+    )
     metrics.update(reward_metrics)
     return state, metrics, ro
 
@@ -402,8 +469,12 @@ def build_step(
     pad_id: int,
     shardings: StepShardings | None = None,
     reward_fn: DeviceRewardFn | None = None,
+    loss_fn: LossFn = policy_loss,
 ) -> StepFunctions:
-    """jit the step functions; without shardings everything runs on the default device."""
+    """jit the step functions; without shardings everything runs on the default device.
+
+    `loss_fn(LossBatch, GRPOConfig) -> (loss_sum, denominator, metrics)` replaces the GRPO objective.
+    """
     sh = shardings
     kw = lambda ins, outs: {} if sh is None else {"in_shardings": ins, "out_shardings": outs}
 
@@ -413,7 +484,9 @@ def build_step(
     )
     # The state is donated: its buffers become the new state's, so a step never holds two copies of it.
     upd = jax.jit(
-        lambda state, batch, rewards, ref: update(state, batch, rewards, ref, cfg=cfg, sc=sc, optimizer=optimizer),
+        lambda state, batch, rewards, ref: update(
+            state, batch, rewards, ref, cfg=cfg, sc=sc, optimizer=optimizer, loss_fn=loss_fn
+        ),
         donate_argnums=0,
         **kw(
             None if sh is None else (sh.state, sh.rows, sh.rows, sh.ref),
@@ -424,7 +497,18 @@ def build_step(
     if reward_fn is not None:
         fused = jax.jit(
             lambda state, p, m, s, ref, frozen: fused_step(
-                state, p, m, s, ref, frozen, cfg=cfg, sc=sc, optimizer=optimizer, reward_fn=reward_fn, pad_id=pad_id
+                state,
+                p,
+                m,
+                s,
+                ref,
+                frozen,
+                cfg=cfg,
+                sc=sc,
+                optimizer=optimizer,
+                reward_fn=reward_fn,
+                pad_id=pad_id,
+                loss_fn=loss_fn,
             ),
             donate_argnums=0,
             **kw(

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cme_jax.metrics import read_jsonl
+from cme_jax.files import read_run_log
 
 WATCHDOG_FILE = "watchdog.jsonl"
 # Short names of the watched metrics -> the trainer's metric keys.
@@ -297,7 +297,7 @@ def last_row_per_step(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of RUN_DIR/metrics.jsonl ([] without one); a line cut short by a killed write is skipped."""
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return read_run_log(Path(run_dir) / "metrics.jsonl")
 
 
 def write_events(path: str | Path, events: Sequence[Event], append: bool = True) -> None:

@@ -16,7 +16,7 @@ from cme_jax.audit import (
     KINDS,
     PreferencePair,
     average_ranks,
-    combine_forms,
+    combined_forms,
     load_hub_pairs,
     make_rewrites,
     pair_from_record,
@@ -110,10 +110,21 @@ def test_summary_and_warnings_from_hand_made_scores():
 
 
 def test_combination_weights_and_per_pair_zscore():
+    from cme_jax.rewards import RewardInputs, VerifierForms
+
     rng = np.random.default_rng(0)
     per = {n: {f: rng.normal(size=6) for f in ("plain", "contrastive")} for n in ("a", "b")}
+    zeros = np.zeros(6, bool)
+    forms = {
+        n: VerifierForms(p["plain"], np.ones(6, np.int32), zeros, zeros, bare=p["plain"] - p["contrastive"])
+        for n, p in per.items()
+    }
+    configs = [VerifierConfig(model=n, name=n) for n in ("a", "b")]
+    combine_forms = lambda per, w, size, zscore=False: combined_forms(
+        configs, RewardInputs(empty=zeros, verifiers=forms, group_size=size), w, zscore=zscore
+    )
     out = combine_forms(per, {"a": 2.0, "b": -0.5}, 3)
-    np.testing.assert_allclose(out["plain"], 2.0 * per["a"]["plain"] - 0.5 * per["b"]["plain"])
+    np.testing.assert_allclose(out["plain"], 2.0 * per["a"]["plain"] - 0.5 * per["b"]["plain"], rtol=1e-5)
 
     def z(x):  # population z-score inside each pair's group of 3 texts
         g = x.reshape(-1, 3)
@@ -321,7 +332,7 @@ def test_bad_input_gives_one_line(tiny, tmp_path, capsys):
     cfg.write_text("model: {policy: x}\n")
     assert "has no reward.verifiers" in cli_error(capsys, ["--config", str(cfg), *out])
     cfg.write_text(f"verifiers: [{path}]\nwieght: 2\n")
-    assert "unknown reward key 'wieght'" in cli_error(capsys, ["--config", str(cfg), *out])
+    assert "unknown key 'wieght'" in cli_error(capsys, ["--config", str(cfg), *out])
     cfg.write_text(f"reward: {{verifiers: [{{model: {path}, context: chatty}}]}}\n")
     assert "verifier.context='chatty'" in cli_error(capsys, ["--config", str(cfg), *out])
     cfg.write_text(f"reward: {{verifiers: [{{model: {path}, name: combined}}]}}\n")

@@ -11,12 +11,29 @@ import pytest
 
 from cme_jax.grpo import (
     GRPOConfig,
+    LossBatch,
     aggregate_metrics,
     group_advantages,
     kl_penalty,
-    policy_loss,
     sum_metrics,
 )
+from cme_jax.grpo import policy_loss as batch_loss
+
+
+def policy_loss(logp, old, ref, adv, mask, cfg, truncated_B=None, entropy_BxT=None):
+    """The GRPO loss from positional arrays (a LossBatch with the sampler's log-probs equal to the old ones)."""
+    batch = LossBatch(
+        logp=logp,
+        old_logp=old,
+        sampler_logp=old,
+        advantages=adv,
+        mask=mask,
+        truncated=truncated_B,
+        ref_logp=ref,
+        entropy=entropy_BxT,
+    )
+    return batch_loss(batch, cfg)
+
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
@@ -293,7 +310,7 @@ def test_truncated_rows_are_masked():
     np.testing.assert_allclose((s, d), (s2, d2), rtol=1e-6)
     s3, d3, _ = run_loss(batch, GRPOConfig(), truncated=truncated)  # mask_truncated off: ignored
     assert (s3, d3) == run_loss(batch, GRPOConfig())[:2] and d3 == 4
-    with pytest.raises(ValueError, match="truncated_B"):
+    with pytest.raises(ValueError, match="truncated"):
         run_loss(batch, cfg)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from cme_jax.checkpoint import CheckpointManager
+from cme_jax.files import read_run_log
 from cme_jax.models.sharding import make_mesh, weight_shardings
 from cme_jax.sources import load_model
 from tests.train_helpers import ROOT, metric_rows, tiny_config, write_config
@@ -140,7 +141,7 @@ def assert_same_logs(run_dir: Path, ref_dir: Path, steps: set[int]):
     assert [r["step"] for r in rows] == sorted(steps)
     for a, b in zip(rows, ref):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    samples, ref_samples = read_jsonl(run_dir / "samples.jsonl"), read_jsonl(ref_dir / "samples.jsonl")
+    samples, ref_samples = read_run_log(run_dir / "samples.jsonl"), read_run_log(ref_dir / "samples.jsonl")
     ref_samples = [s for s in ref_samples if s["step"] in steps]
     assert len(samples) == len(ref_samples) == 8 * len(steps)  # every row of every step: gathered from both processes
     for s, r in zip(samples, ref_samples):
@@ -148,10 +149,6 @@ def assert_same_logs(run_dir: Path, ref_dir: Path, steps: set[int]):
             k: r[k] for k in ("step", "prompt", "response", "length")
         }
         assert s.get("reward") == pytest.approx(r.get("reward"), rel=1e-4, abs=1e-4)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
@@ -196,8 +193,8 @@ def test_two_processes_train_like_one(policy, single_run, multi_run):
 def test_each_process_fed_its_own_half_of_the_batch(single_run, multi_run):
     (one, _), (two, _) = single_run, multi_run
     assert not (one / "fed_prompts.p1.jsonl").exists()
-    whole = read_jsonl(one / "fed_prompts.p0.jsonl")
-    p0, p1 = read_jsonl(two / "fed_prompts.p0.jsonl"), read_jsonl(two / "fed_prompts.p1.jsonl")
+    whole = read_run_log(one / "fed_prompts.p0.jsonl")
+    p0, p1 = read_run_log(two / "fed_prompts.p0.jsonl"), read_run_log(two / "fed_prompts.p1.jsonl")
     assert [r["step"] for r in whole] == [r["step"] for r in p0] == [r["step"] for r in p1] == [1, 2, 3]
     for w, a, b in zip(whole, p0, p1):
         assert w["rows"] == [0, 1, 2, 3]
@@ -262,11 +259,11 @@ def test_fused_step_across_processes(tiny_models, mp_root, single_run):
     out = launch_ok(mp_root, 2, 2, mp_config(tiny_models, mp_root, run_dir, fused=True))
     assert "[p0] step: one fused jit" in out
     # The same data order as any run of this data, split between the processes.
-    p0, p1 = read_jsonl(run_dir / "fed_prompts.p0.jsonl"), read_jsonl(run_dir / "fed_prompts.p1.jsonl")
-    whole = read_jsonl(one / "fed_prompts.p0.jsonl")
+    p0, p1 = read_run_log(run_dir / "fed_prompts.p0.jsonl"), read_run_log(run_dir / "fed_prompts.p1.jsonl")
+    whole = read_run_log(one / "fed_prompts.p0.jsonl")
     assert [a["prompts"] + b["prompts"] for a, b in zip(p0, p1, strict=True)] == [w["prompts"] for w in whole]
     # Sample tables hold every row of the global batch.
-    samples = read_jsonl(run_dir / "samples.jsonl")
+    samples = read_run_log(run_dir / "samples.jsonl")
     rows = metric_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
@@ -275,7 +272,7 @@ def test_fused_step_across_processes(tiny_models, mp_root, single_run):
     # Step 1 samples with the initial weights and the same key as the text-path run: the same responses, and
     # the same reward-independent statistics, which the fused step computes inside the jit over all processes' rows.
     first = [(s["prompt"], s["response"]) for s in samples if s["step"] == 1]
-    assert first == [(s["prompt"], s["response"]) for s in read_jsonl(one / "samples.jsonl") if s["step"] == 1]
+    assert first == [(s["prompt"], s["response"]) for s in read_run_log(one / "samples.jsonl") if s["step"] == 1]
     ref = metric_rows(one)[0]
     for key in ("entropy_mean", "response/length_mean", "response/length_max", "response/truncated_frac"):
         assert rows[0][key] == pytest.approx(ref[key], rel=1e-5), key

@@ -546,6 +546,151 @@ def test_device_reward_takes_weights_as_arguments_and_flags_non_finite_scores(ti
     frozen["verifiers"][0]["weights"] = w.replace(final_norm=w.final_norm * jnp.nan)
     bad, metrics = fn(policy.weights, ro, *device_inputs(ptoks, pmask), frozen)
     assert fn._cache_size() == 1  # same compiled function: the weights are an argument, not a constant
-    assert np.isnan(np.asarray(bad)).all() and float(metrics["cme/judge/nonfinite"]) > 0
-    with pytest.raises(CmeError, match=r"verifier 'judge' gave \d+ non-finite"):
+    # Never a NaN reward (nor advantage): the scores are zeroed and counted, and the step skips its update.
+    assert np.isfinite(np.asarray(bad)).all() and float(metrics["cme/judge/nonfinite"]) > 0
+    assert float(metrics["reward/nonfinite"]) == float(metrics["cme/judge/nonfinite"])
+    with pytest.raises(CmeError, match=r"verifier 'judge' gave \d+ non-finite score\(s\) \(first at row 0: prompt 0"):
         dr.check(metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One reward everywhere: training's two paths, score, audit and evaluate call the same combine
+
+
+@pytest.fixture(scope="module")
+def verifier_dirs(tmp_path_factory):
+    """The two tiny verifiers as model directories (what the commands read), in the policy's vocabulary."""
+    out = {}
+    for family in ("llama", "qwen3"):
+        path = tmp_path_factory.mktemp(f"dir_{family}")
+        tiny_model(family, vocab_size=320).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        out[family] = str(path)
+    return out
+
+
+def test_commands_and_both_training_paths_give_one_reward(tiny_verifiers, verifier_dirs, sampled, tmp_path):
+    import dataclasses
+    import json
+
+    import yaml
+
+    from cme_jax import evaluate as ev
+    from cme_jax import score
+    from cme_jax.audit import combined_forms
+    from cme_jax.rewards import text_inputs
+
+    policy = tiny_verifiers[0]
+    ptoks, pmask, ro = sampled
+    # Both verifiers contrastive (the audit combines one form at a time), weights of both signs.
+    cfgs = (
+        VerifierConfig(model=verifier_dirs["qwen3"], name="a", weight=0.7, contrastive=True, score_eos=True),
+        VerifierConfig(model=verifier_dirs["llama"], name="b", weight=-1.5, context="plain", contrastive=True),
+    )
+    vs = [Verifier.from_model(c, m) for c, m in zip(cfgs, tiny_verifiers[::-1])]
+    batch = RewardBatch.from_rollout(PROMPTS, ro, ptoks, pmask, policy.tokenizer)
+    rows = batch.row_prompts()
+    guarded = RewardConfig(
+        terms=(("cme", 2.0),), verifiers=cfgs, zscore=True, repetition_penalty=0.3, repetition_ngram=2
+    )
+
+    # Training: the host path (ids on device for a shared vocabulary) and the fused device path, with the guard.
+    host = compute_rewards(guarded, batch, verifiers=vs, policy=policy)
+    dr = device_reward_fn(guarded, vs, policy.cfg, policy.tokenizer, G)
+    device, _ = jax.jit(dr.fn)(policy.weights, ro, *device_inputs(ptoks, pmask), dr.frozen(PROMPTS))
+    np.testing.assert_allclose(np.asarray(device), host.rewards, atol=1e-5, rtol=0)
+    valid = ~host.empty
+    assert valid.sum() >= 4
+
+    # The audit's combination of the same rows as groups of G, z-scored: training's reward without the guard.
+    zscored = dataclasses.replace(guarded, repetition_penalty=0.0)
+    train_z = compute_rewards(zscored, batch, verifiers=vs).rewards  # the text path: re-tokenized responses
+    x = text_inputs(vs, rows, batch.responses, batch.stopped, group_size=G, both_forms=True)
+    x = x.replace(empty=np.asarray(host.empty))
+    audit_z = combined_forms(list(cfgs), x, {"a": 2.0 * 0.7, "b": 2.0 * -1.5}, zscore=True)["contrastive"]
+    np.testing.assert_allclose(audit_z[valid], train_z[valid], atol=1e-4, rtol=0)
+
+    # score and evaluate read single responses (no groups): training's reward without z-scoring or the guard.
+    plain = dataclasses.replace(zscored, zscore=False, empty_reward=-6.0)
+    want = compute_rewards(plain, batch, verifiers=vs).rewards
+    inp = tmp_path / "rows.jsonl"
+    lines = [{"prompt": p, "response": r, "stopped": bool(s)} for p, r, s in zip(rows, batch.responses, batch.stopped)]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    conf = tmp_path / "reward.yaml"
+    conf.write_text(yaml.safe_dump({"reward": {**config_dict(plain), "zscore": False}}))
+    out = tmp_path / "scored.jsonl"
+    score.main(["--input", str(inp), "--output", str(out), "--verifier-config", str(conf), "--no-progress"])
+    scored = np.array([json.loads(line)["cme"] for line in out.read_text().splitlines()])
+    np.testing.assert_allclose(scored, want, atol=1e-5, rtol=0)
+
+    prompts = [ev.EvalPrompt(p) for p in rows]
+    side = ev.SideOutputs(list(batch.responses), [bool(s) for s in batch.stopped], None, {}, reused=False)
+    weighted = [dataclasses.replace(c, weight=2.0 * c.weight) for c in cfgs]
+    _, per_prompt = ev.automatic_metrics(prompts, {"model": side, "baseline": side}, weighted, n_boot=10)
+    got = np.array([r["model_cme"] if r["model_cme"] is not None else np.nan for r in per_prompt])
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-5, rtol=0)
+    assert np.isnan(got[~valid]).all()
+
+
+def config_dict(rcfg: RewardConfig) -> dict:
+    """A RewardConfig as the YAML a user writes."""
+    import dataclasses
+
+    d = dataclasses.asdict(rcfg)
+    d["terms"] = [[t["name"], t["weight"]] for t in d["terms"]]
+    return d
+
+
+def test_a_non_finite_score_fails_the_same_way_on_both_training_paths(tiny_verifiers, sampled):
+    import dataclasses
+
+    policy, vmodel = tiny_verifiers
+    ptoks, pmask, ro = sampled
+    broken = dataclasses.replace(vmodel, weights=vmodel.weights.replace(final_norm=vmodel.weights.final_norm * jnp.nan))
+    vc = VerifierConfig(model="qwen3", name="judge")
+    v = Verifier.from_model(vc, broken)
+    rc = RewardConfig(verifiers=(vc,))
+    with pytest.raises(CmeError) as host:
+        compute_rewards(
+            rc, RewardBatch.from_rollout(PROMPTS, ro, ptoks, pmask, policy.tokenizer), verifiers=[v], policy=policy
+        )
+    dr = device_reward_fn(rc, [v], policy.cfg, policy.tokenizer, G)
+    rewards, metrics = jax.jit(dr.fn)(policy.weights, ro, *device_inputs(ptoks, pmask), dr.frozen(PROMPTS))
+    assert np.isfinite(np.asarray(rewards)).all()
+    with pytest.raises(CmeError) as device:
+        dr.check(jax.device_get(metrics))
+    assert str(host.value) == str(device.value)
+    assert "verifier 'judge' gave" in str(host.value) and "(first at row 0: prompt 0, response 0)" in str(host.value)
+
+
+def test_a_registered_term_reaches_both_training_paths(tiny_verifiers, sampled):
+    """A new label-free signal is one registered function; both paths then reward it, through `combine`."""
+    from cme_jax.rewards import REGISTRY, register
+
+    policy = tiny_verifiers[0]
+    ptoks, pmask, ro = sampled
+
+    @register("short_and_sure", policy_stats=("self_loglik",), needs_tokens=True)
+    def short_and_sure(reward_cfg, x):
+        return x.policy["self_loglik"] - 0.01 * x.lengths
+
+    try:
+        rc = RewardConfig(terms=(("short_and_sure", 2.0),))
+        assert rc.policy_stats == ("self_loglik",) and rc.needs_policy_tokens
+        batch = RewardBatch.from_rollout(PROMPTS, ro, ptoks, pmask, policy.tokenizer)
+        host = compute_rewards(rc, batch, policy=policy)
+        tokens, mask = join_prompts(ptoks, pmask, ro.tokens, ro.mask)
+        loglik = np.asarray(
+            policy_response_stats(policy.weights, policy.cfg, tokens, mask, start=ptoks.shape[1])["self_loglik"]
+        )
+        lengths = np.asarray(ro.mask).sum(1) - np.asarray(ro.stopped)
+        want = np.where(host.empty, rc.empty_reward, 2.0 * (loglik - 0.01 * lengths))
+        np.testing.assert_allclose(host.rewards, want, atol=1e-5)
+        dr = device_reward_fn(rc, [], policy.cfg, policy.tokenizer, G)
+        device, metrics = jax.jit(dr.fn)(policy.weights, ro, *device_inputs(ptoks, pmask), dr.frozen(PROMPTS))
+        np.testing.assert_allclose(np.asarray(device), want, atol=1e-5)
+        assert "short_and_sure/mean" in metrics
+    finally:
+        REGISTRY.pop("short_and_sure")
+    with pytest.raises(ValueError, match="'short_and_sure' is not allowed"):
+        RewardConfig(terms=("short_and_sure",))

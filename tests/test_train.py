@@ -292,3 +292,50 @@ def test_demo_config_end_to_end_and_export_loads_in_transformers(tmp_path):
         for a, b in zip(jax.tree.leaves(trained.weights), jax.tree.leaves(base.weights))
     )
     assert moved > 0  # three updates changed the policy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line in a real process: one line per error, nothing at exit
+
+
+def _train_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "cme_jax.train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_error_path_prints_exactly_one_line_in_a_real_process(straight_run, tmp_path):
+    """Each way the trainer refuses to run, in its own process: stderr is the one error line and nothing else
+    (no traceback from orbax's background threads at interpreter exit)."""
+    cfg, _ = straight_run
+    raw = yaml.safe_load(config_yaml(cfg))
+    done = write_config(tmp_path / "done.yaml", raw)  # the straight run's directory: it holds checkpoints
+    fresh = write_config(tmp_path / "fresh.yaml", {**raw, "run_dir": str(tmp_path / "fresh")})
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "resume without a checkpoint": ([fresh, "--resume", f"run_dir={tmp_path / 'empty'}"], "no complete checkpoint"),
+        "reuse of a run directory": ([done, "--no-resume"], "already holds checkpoints"),
+        "unknown key": ([fresh, "optim.lr=0.1"], "learning_rate"),
+        "bad value": ([fresh, "grpo.kl_estimator=k4"], "kl_estimator"),
+        "missing data file": ([fresh, "data.source=/nonexistent/p.jsonl"], "does not exist"),
+        "missing policy": ([fresh, "model.policy=/nonexistent/policy"], "does not exist"),
+        "missing verifier": ([fresh, "reward.verifiers=[{model: /nonexistent/verifier}]"], "does not exist"),
+    }
+    procs = {name: _train_cli("--config", args[0], *args[1:]) for name, (args, _) in cases.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (name, err)
+        assert lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, lines[0])
+        assert out == "", (name, out)
+    assert not (tmp_path / "fresh" / "config.yaml").exists()  # refused before the run was recorded
+
+
+def test_overrides_on_both_sides_of_a_flag(straight_run, tmp_path):
+    cfg, _ = straight_run
+    path = write_config(tmp_path / "c.yaml", yaml.safe_load(config_yaml(cfg)))
+    proc = _train_cli("--config", path, "train.steps=9", "--no-resume", "optim.learning_rate=0.5", "--print-config")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["train"]["steps"] == 9 and printed["optim"]["learning_rate"] == 0.5

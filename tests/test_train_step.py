@@ -115,7 +115,7 @@ def test_sharded_fused_step_equals_single_device(setup):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     wsh = weight_shardings(CFG, mesh)
     rep = replicated(mesh)
-    state = init_state(policy, opt, 0)
+    state = init_state(jax.tree.map(jnp.copy, policy), opt, 0)  # donated below: not the fixture's buffers
     ssh = state_shardings(state, opt, wsh, rep)
     shard = StepShardings(state=ssh, rows=batch_sharding(mesh, 1), replicated=rep, ref=wsh, frozen=wsh)
     sharded = build_step(CFG, sc, opt, pad_id=0, reward_fn=verifier_reward, shardings=shard)
@@ -140,3 +140,128 @@ def test_optimizer_schedule_and_clipping():
     # First Adam step moves each coordinate by ~lr * sign(g); warmup lr at update 0 is 1/2.
     np.testing.assert_allclose(np.asarray(updates["w"])[:2], [-0.5, -0.5], rtol=1e-3)
     assert float(optax.tree.norm(updates)) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An injected loss, one traced update body, the sampler/learner mismatch and its correction
+
+
+def reinforce_loss(batch, cfg):
+    """Plain REINFORCE with the group mean as baseline (advantage_mode group_mean): -A * log p, token mean.
+
+    Written outside the package, as a research fork would: it reads only the LossBatch.
+    """
+    mask = batch.mask.astype(jnp.float32)
+    adv = jax.lax.stop_gradient(batch.advantages)[:, None]
+    per_token = -adv * jnp.where(mask > 0, batch.logp, 0.0)
+    n = mask.sum()
+    mean_logp = (jax.lax.stop_gradient(jnp.where(mask > 0, batch.logp, 0.0)).sum(), n)
+    return per_token.sum(), n, {"reinforce/logp_mean": mean_logp}
+
+
+def test_a_loss_from_outside_the_package_trains(setup):
+    policy, verifier, prompts, pmask = setup
+    scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+    sc = StepConfig(grpo=GRPOConfig(advantage_mode="group_mean"), sampling=scfg)
+    opt = optax.adam(3e-2)
+    fns = build_step(CFG, sc, opt, pad_id=0, reward_fn=verifier_reward, loss_fn=reinforce_loss)
+    state = init_state(jax.tree.map(jnp.copy, policy), opt, 0)
+    stops = jnp.asarray([2], jnp.int32)
+    rewards = []
+    for _ in range(30):
+        state, metrics, _ = fns.fused(state, prompts, pmask, stops, None, verifier)
+        rewards.append(float(metrics["reward/mean"]))
+    assert "reinforce/logp_mean" in metrics and "clip_frac" not in metrics  # the GRPO loss never ran
+    first, last = np.mean(rewards[:8]), np.mean(rewards[-8:])
+    noise = np.std(rewards[:8]) / np.sqrt(8) + np.std(rewards[-8:]) / np.sqrt(8)
+    assert last - first > max(4 * noise, 0.2), rewards
+
+
+def _count_calls(jaxpr, name: str) -> int:
+    """Equations of a nested jit named `name`, in a jaxpr and every sub-jaxpr (scan and cond bodies, calls)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.params.get("name") == name:
+            n += 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, list | tuple) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_calls(inner, name)
+    return n
+
+
+def test_the_update_traces_forward_and_backward_once(setup):
+    policy, verifier, prompts, pmask = setup
+    scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+    opt = optax.sgd(0.1)
+    _rollout_batch.verifier = verifier
+    state = init_state(policy, opt, 0)
+    batch, rewards = _rollout_batch(state, prompts, pmask, StepConfig(grpo=GRPOConfig(), sampling=scfg))
+    for iters, minibatches, micro in ((1, 1, 1), (2, 2, 2)):
+        sc = StepConfig(
+            grpo=GRPOConfig(beta=0.04),
+            sampling=scfg,
+            num_iterations=iters,
+            minibatches=minibatches,
+            micro_batches=micro,
+        )
+        fn = lambda st, b, r, ref, sc=sc: update(st, b, r, ref, cfg=CFG, sc=sc, optimizer=opt)
+        jaxpr = jax.make_jaxpr(fn)(state, batch, rewards, policy).jaxpr
+        assert _count_calls(jaxpr, "microbatch_grad") == 1, (iters, minibatches, micro)
+
+
+def _one_update(policy, batch, rewards, grpo, compute_dtype="float32"):
+    scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+    sc = StepConfig(grpo=grpo, sampling=scfg, compute_dtype=compute_dtype)
+    opt = optax.sgd(0.0)
+    fn = jax.jit(lambda st, b, r: update(st, b, r, None, cfg=CFG, sc=sc, optimizer=opt))
+    return fn(init_state(policy, opt, 0), batch, rewards)[1]
+
+
+def test_sampler_learner_mismatch_is_measured_and_visible_in_bfloat16(setup):
+    policy, verifier, prompts, pmask = setup
+    _rollout_batch.verifier = verifier
+    metrics = {}
+    for dtype in ("float32", "bfloat16"):
+        scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+        sc = StepConfig(grpo=GRPOConfig(), sampling=scfg, compute_dtype=dtype)
+        opt = optax.sgd(0.0)
+        batch, rewards = _rollout_batch(init_state(policy, opt, 0), prompts, pmask, sc)
+        metrics[dtype] = _one_update(policy, batch, rewards, GRPOConfig(), dtype)
+    f32, bf16 = metrics["float32"], metrics["bfloat16"]
+    assert float(f32["mismatch/abs_diff"]) < 1e-5 and float(f32["mismatch/ratio_outside"]) == 0.0
+    assert abs(float(f32["mismatch/kl"])) < 1e-8
+    # bfloat16 has 8 bits of mantissa: the sampler's cached decode and the learner's full forward round apart.
+    assert float(bf16["mismatch/abs_diff"]) > 1e-3 and float(bf16["mismatch/kl"]) > 1e-7
+
+
+def test_truncated_importance_weights_are_min_of_the_ratio_and_the_cap(setup):
+    from cme_jax.grpo import tis_weights
+
+    policy, verifier, prompts, pmask = setup
+    _rollout_batch.verifier = verifier
+    scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+    batch, rewards = _rollout_batch(init_state(policy, optax.sgd(0.0), 0), prompts, pmask, StepConfig(sampling=scfg))
+    # A sampler whose log-probs are off by known amounts, so the weights are far from 1 and some are capped.
+    shift = np.random.default_rng(0).normal(0.0, 0.5, batch.sampler_logp.shape).astype(np.float32)
+    off = batch.replace(sampler_logp=batch.sampler_logp + shift)
+    P = batch.tokens.shape[1] - batch.response_mask.shape[1]
+    learner = np.asarray(token_logprobs(policy, CFG, batch.tokens, batch.mask, start=P))
+    mask = np.asarray(batch.response_mask)
+    want_w = np.minimum(np.exp(learner - np.asarray(off.sampler_logp)), 1.5)[mask]
+    got_w = np.asarray(tis_weights(jnp.asarray(learner), off.sampler_logp, batch.response_mask, 1.5))[mask]
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5)
+    assert (want_w == 1.5).any() and (want_w < 1.0).any()
+
+    m = _one_update(policy, off, rewards, GRPOConfig(sampler_correction="tis", tis_cap=1.5))
+    np.testing.assert_allclose(float(m["tis/weight_mean"]), want_w.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(m["tis/capped_frac"]), (want_w >= 1.5).mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(m["mismatch/abs_diff"]), np.abs(learner - np.asarray(off.sampler_logp))[mask].mean(), rtol=1e-4
+    )
+    # The weights scale each token's policy-gradient term: with them the loss differs from the uncorrected one.
+    plain = _one_update(policy, off, rewards, GRPOConfig())
+    assert "tis/weight_mean" not in plain and float(plain["loss"]) != pytest.approx(float(m["loss"]), rel=1e-3)
+    with pytest.raises(ValueError, match="old_logp=recompute"):
+        GRPOConfig(sampler_correction="tis", old_logp="sampler")

@@ -32,6 +32,9 @@ from typing import Any
 
 import yaml
 
+from cme_jax.files import read_run_log
+from cme_jax.watchdog import last_row_per_step
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 ARMS = ("plain_cme", "contrastive_cme", "guarded_cme", "self_certainty", "random")
@@ -185,20 +188,6 @@ def evaluate_arm(
 # Summaries, the table, the figure
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def last_rows_by_step(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per step (a resumed run logs the re-run steps again: the last row wins), in step order."""
-    by: dict[int, dict[str, Any]] = {}
-    for r in rows:
-        by[int(r["step"])] = dict(r)
-    return [by[k] for k in sorted(by)]
-
-
 def window_mean(rows: Sequence[Mapping[str, Any]], key: str, first: bool, n: int = 10) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     part = vals[:n] if first else vals[-n:]
@@ -207,7 +196,7 @@ def window_mean(rows: Sequence[Mapping[str, Any]], key: str, first: bool, n: int
 
 def summarize_arm(arm: str, out: Path, timing: Mapping[str, float]) -> dict[str, Any]:
     """The numbers the README reports for one arm, read back from its committed results."""
-    rows = last_rows_by_step(read_jsonl(out / "metrics.jsonl"))
+    rows = last_row_per_step(read_run_log(out / "metrics.jsonl"))
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     v = training_verifier(cfg)["name"]
     train_keys = {
@@ -223,7 +212,7 @@ def summarize_arm(arm: str, out: Path, timing: Mapping[str, float]) -> dict[str,
         name: {"first10": window_mean(rows, key, True), "last10": window_mean(rows, key, False)}
         for name, key in train_keys.items()
     }
-    heldout = [{"step": r["step"], **r["scalars"]} for r in last_rows_by_step(read_jsonl(out / "heldout.jsonl"))]
+    heldout = [{"step": r["step"], **r["scalars"]} for r in last_row_per_step(read_run_log(out / "heldout.jsonl"))]
     evals = {}
     for mode in ("greedy", "sampled"):
         res = json.loads((out / mode / "results.json").read_text())
@@ -233,7 +222,7 @@ def summarize_arm(arm: str, out: Path, timing: Mapping[str, float]) -> dict[str,
             | {k: res.get(k) for k in ("win_rate_tie_adjusted", "ci95_low", "ci95_high", "position_consistency")},
             "judge_audit": res.get("judge_audit"),
         }
-    events = read_jsonl(out / "watchdog.jsonl")
+    events = read_run_log(out / "watchdog.jsonl")
     return {
         "arm": arm,
         "label": LABELS.get(arm, arm),
@@ -363,7 +352,9 @@ def curves(summaries: Sequence[Mapping[str, Any]], results: Path, path: Path) ->
     ]
     for ax, (title, key_of, sparse) in zip(axes.ravel(), panels):
         for s in summaries:
-            rows = s["heldout_curve"] if sparse else last_rows_by_step(read_jsonl(results / s["arm"] / "metrics.jsonl"))
+            rows = (
+                s["heldout_curve"] if sparse else last_row_per_step(read_run_log(results / s["arm"] / "metrics.jsonl"))
+            )
             key = key_of(s["verifier"])
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if not pts:
