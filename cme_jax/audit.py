@@ -286,6 +286,8 @@ def _score_key(verifier: Verifier, prompt: str, text: str, stopped: bool) -> str
     """Cache key of one scored row: everything in the verifier's config that changes its scores, and the row."""
     vc = verifier.config
     ident = {k: getattr(vc, k) for k in ("model", "context", "template", "max_length", "score_eos", "dtype")}
+    if vc.served:  # the model that scores is the server's; `model` only names the tokenizer
+        ident["server_model"] = vc.server_model
     blob = json.dumps({"verifier": ident, "prompt": prompt, "text": text, "stopped": stopped}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -10,9 +10,10 @@ each prompt's group before weighting. Guards (n-gram repetition and length penal
 that, and empty responses get `empty_reward`.
 
 Two entry points share every step after scoring (`reward_components`, the one place that dispatches on
-names, then `finish_rewards` and `reward_metrics`): `compute_rewards` on the host (any verifier; text is
-re-tokenized unless a verifier shares the policy's vocabulary), and `device_reward_fn`, a pure function for
-the trainer's single jitted step when every verifier shares the policy's vocabulary.
+names, then `finish_rewards` and `reward_metrics`): `compute_rewards` on the host (any verifier, served
+ones too; text is re-tokenized unless a verifier shares the policy's vocabulary), and `device_reward_fn`, a
+pure function for the trainer's single jitted step when every verifier shares the policy's vocabulary and
+runs here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, get_args
 
 import jax
@@ -497,12 +499,14 @@ class RewardBatch:
 
 @dataclasses.dataclass
 class RewardOutput:
-    """Rewards [R], every component before weighting, the empty rows and a flat dict of diagnostics."""
+    """Rewards [R], every component before weighting, the empty rows, a flat dict of diagnostics and timings."""
 
     rewards: np.ndarray
     components: dict[str, np.ndarray]
     empty: np.ndarray
     diagnostics: dict[str, float]
+    # time/score_remote: the served verifiers' time from their first request to their last reply
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _verifier_scores(verifier: Verifier, batch: RewardBatch, policy: Any, **kw: Any) -> VerifierScores:
@@ -589,14 +593,22 @@ def compute_rewards(
         empty |= lengths <= 0
 
     scores: dict[str, VerifierScores] = {}
+    timings: dict[str, float] = {}
     if "cme" in names:
         kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget, progress=progress)
         cme_weight = next(t.weight for t in rcfg.terms if t.name == "cme")
         if skip_unweighted:
             verifiers = [v for v in verifiers if cme_weight * v.config.weight != 0]
-        for v in verifiers:
-            scores[v.name] = _verifier_scores(v, batch, policy, **kw)
-            empty |= scores[v.name].empty
+        served = [v for v in verifiers if v.remote is not None]
+        # Served verifiers wait on the network in threads while the local ones run here.
+        with ThreadPoolExecutor(max_workers=max(1, len(served))) as pool:
+            pending = {v.name: pool.submit(_verifier_scores, v, batch, policy, **kw) for v in served}
+            local = {v.name: _verifier_scores(v, batch, policy, **kw) for v in verifiers if v.remote is None}
+            scores = {v.name: pending[v.name].result() if v.name in pending else local[v.name] for v in verifiers}
+        for s in scores.values():
+            empty |= s.empty
+        if served:
+            timings["time/score_remote"] = max(scores[v.name].served_seconds for v in served)
     valid = ~empty
     for name, s in scores.items():
         check_finite(s.mean, valid, f"verifier {name!r}")
@@ -634,6 +646,7 @@ def compute_rewards(
         {k: np.asarray(v) for k, v in components.items()},
         empty,
         {k: float(v) for k, v in metrics.items()},
+        timings,
     )
 
 
@@ -723,7 +736,8 @@ def device_reward_fn(
     chunk_budget: int = DEFAULT_CHUNK_ELEMENTS,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
 ) -> DeviceReward | None:
-    """The reward as one pure device function, or None when a verifier needs text (another vocabulary).
+    """The reward as one pure device function, or None when a verifier needs text (another vocabulary) or is
+    served by an inference server (`compute_rewards` then scores on the host).
 
     Everything `compute_rewards` does runs on device from the policy's ids: verifier rows are built with
     `score_same_vocab` (special tokens dropped as decoding drops them), the baselines from one policy forward.

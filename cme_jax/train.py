@@ -379,6 +379,7 @@ class Stepper:
         metrics = jax.device_get(metrics)
         t3 = time.perf_counter()
         metrics.update(out.diagnostics)
+        metrics.update(out.timings)  # time/score_remote: the network's share of time/score
         metrics.update({"time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0})
         return state, metrics, ro_host, {"rewards": out.rewards}
 
