@@ -118,7 +118,12 @@ def sent_rows(verifier: Verifier, rows) -> list[list[int]]:
 
 
 def assert_same_scores(got, want):
-    np.testing.assert_allclose(got.mean, want.mean, atol=1e-5, rtol=0)
+    # Rows that count (a reward, a filter) agree to 1e-5. An empty response's score is its end token's log-prob
+    # alone, often a rare token whose float32 log-prob moves by a few 1e-5 with the padding layout; no consumer
+    # uses it (empty rows get empty_reward).
+    valid = ~want.empty
+    np.testing.assert_allclose(got.mean[valid], want.mean[valid], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.mean, want.mean, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(got.count, want.count)
     np.testing.assert_array_equal(got.empty, want.empty)
     np.testing.assert_array_equal(got.truncated, want.truncated)
