@@ -25,12 +25,18 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cme_jax.endpoints import JsonEndpoint, Transient, map_concurrently
 from cme_jax.errors import CmeError
+
+if TYPE_CHECKING:
+    from cme_jax.scoring import VerifierConfig
+
+# vLLM sends a log-prob of -inf (a token the model can never produce) as this number: JSON has no infinity.
+VLLM_NEG_INF = -9999.0
 
 
 @dataclasses.dataclass
@@ -109,7 +115,8 @@ def response_sums(reply: Any, rows: Sequence[Sequence[int]], starts: Sequence[in
                     f"{label}: the reply gives no log-prob for token {ids[p]} at position {p} of prompt {r} "
                     f"(it has {got}); the server read other token ids than were sent"
                 )
-            total += float(hit["logprob"])
+            lp = float(hit["logprob"])
+            total += -math.inf if lp <= VLLM_NEG_INF else lp  # non-finite, as locally: the caller reports it
         sums.append(total)
     return sums
 
@@ -117,7 +124,7 @@ def response_sums(reply: Any, rows: Sequence[Sequence[int]], starts: Sequence[in
 class ServedVerifier:
     """The client of one served verifier (a `VerifierConfig` with `url`): requests, retries and the cache."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: VerifierConfig):
         self.config = config
         self.label = f"verifier {config.name!r}"
         self.endpoint = JsonEndpoint(

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from cme_jax import train as train_mod
-from cme_jax.audit import score_forms
+from cme_jax.audit import read_verifier_config, score_forms
 from cme_jax.config import config_yaml, load_config
+from cme_jax.endpoints import Transient
 from cme_jax.errors import CmeError
-from cme_jax.remote import cache_path
+from cme_jax.remote import cache_path, response_sums
 from cme_jax.rewards import RewardBatch, RewardConfig, compute_rewards, device_reward_fn
 from cme_jax.score import main as score_main
 from cme_jax.scoring import Verifier, VerifierConfig, load_verifier, score_texts
@@ -127,6 +128,36 @@ def assert_same_scores(got, want):
     np.testing.assert_array_equal(got.count, want.count)
     np.testing.assert_array_equal(got.empty, want.empty)
     np.testing.assert_array_equal(got.truncated, want.truncated)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a reply
+
+
+def _entry(token: int, logprob: float) -> dict:
+    return {str(token): {"logprob": logprob, "rank": 1, "decoded_token": "x"}}
+
+
+def test_response_sums_reads_the_response_positions_of_each_choice():
+    rows, starts = [[5, 6, 7, 8], [9, 10, 11]], [2, 1]
+    reply = {  # choices out of order: matched by index
+        "choices": [
+            {"index": 1, "prompt_logprobs": [None, _entry(10, -0.5), _entry(11, -3.5)]},
+            {"index": 0, "prompt_logprobs": [None, _entry(6, -9.0), _entry(7, -1.25), _entry(8, -0.75)]},
+        ]
+    }
+    assert response_sums(reply, rows, starts, "v") == [-2.0, -4.0]
+    # vLLM's stand-in for -inf comes back as -inf, so the caller reports a non-finite score as for a local model
+    reply["choices"][0]["prompt_logprobs"][2] = _entry(11, -9999.0)
+    assert response_sums(reply, rows, starts, "v")[1] == -np.inf
+    with pytest.raises(Transient):  # a gateway's page instead of a completion: asked again
+        response_sums({"detail": "bad gateway"}, rows, starts, "v")
+    with pytest.raises(CmeError, match="answered 1 choices for 2 prompts"):
+        response_sums({"choices": reply["choices"][:1]}, rows, starts, "v")
+    with pytest.raises(CmeError, match="no prompt_logprobs"):
+        response_sums({"choices": [{"index": 0}, {"index": 1}]}, rows, starts, "v")
+    with pytest.raises(CmeError, match="3 prompt log-probs for a prompt of 4 tokens"):
+        response_sums({"choices": [reply["choices"][0], reply["choices"][0] | {"index": 0}]}, rows, starts, "v")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,6 +366,8 @@ def test_score_command_and_audit_forms_take_a_served_verifier(server, tiny, tmp_
     for g, m, e in zip(got, want.mean, want.empty):
         assert g["cme_big"] == (-10.0 if e else pytest.approx(float(m), abs=1e-5))
 
+    (audited,), _, _ = read_verifier_config(tmp_path / "v.yaml")  # audit --config reads the same list
+    assert audited == cfg and audited.served
     nonempty = [i for i, r in enumerate(responses) if r]
     texts, ps = [responses[i] for i in nonempty], [prompts[i] for i in nonempty]
     remote = score_forms(load_served(cfg), ps, texts, batch_size=4)

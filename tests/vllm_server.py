@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import json
 import threading
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from cme_jax.models.logprobs import token_logprobs
 from cme_jax.tokens import bucket_length
+from tests.json_server import JsonServer, send_json
 
 _logprobs_jit = jax.jit(token_logprobs, static_argnames=("cfg", "start", "chunk_budget"))
 
@@ -66,7 +66,7 @@ class Records:
 
 
 class VllmLikeServer:
-    """ThreadingHTTPServer in a daemon thread; `models` maps a served name to a cme_jax LoadedModel."""
+    """The server on 127.0.0.1 (`url`); `models` maps a served name to a cme_jax LoadedModel."""
 
     def __init__(self, api_key: str | None = None):
         self.models: dict[str, Any] = {}
@@ -74,21 +74,8 @@ class VllmLikeServer:
         self.lock = threading.Lock()
         self.compute = threading.Lock()  # one accelerator: requests are computed one after another
         self.reset()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.handle(self, body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.http = JsonServer(self.handle)
+        self.url = self.http.base_url
 
     def reset(self) -> None:
         """Healthy again, with fresh records (requests still running from before write to their own)."""
@@ -105,18 +92,10 @@ class VllmLikeServer:
     max_inflight = property(lambda self: self.rec.max_inflight)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
     def _send(self, h: Any, rec: Records, status: int, payload: Any, headers: tuple = ()) -> None:
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, status, payload, headers)
         with self.lock:
             rec.statuses.append(status)
 
