@@ -305,14 +305,14 @@ def test_cache_skips_rows_already_scored_after_an_interruption(server, tiny, tmp
 
 def test_all_rows_in_flight_at_once(server, tiny, tmp_path):
     spec, _ = tiny
-    server.faults = Faults(hold=0.3)
+    server.faults = Faults(hold=0.5)
     prompts, responses, stopped = columns(TINY_ROWS)
     cfg = served_config(spec, server, tmp_path, concurrency=3, cache=None, contrastive=True)
     got = score_texts(load_served(cfg), prompts, responses, stopped)
     # 6 distinct rows and their 6 empty-prompt twins: 3 requests of 4 rows, all in flight together
     assert sorted(len(b["prompt"]) for b in server.bodies) == [4, 4, 4]
     assert server.max_inflight == 3
-    assert got.served_seconds >= 0.3
+    assert got.served_seconds >= 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------
