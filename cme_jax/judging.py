@@ -38,24 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.client
 import json
 import logging
 import math
 import os
-import random
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from cme_jax.endpoints import JsonEndpoint, Transient, map_concurrently
 from cme_jax.errors import CmeError
 
 log = logging.getLogger(__name__)
@@ -305,14 +300,6 @@ class FunctionJudge:
         return out
 
 
-class _Transient(Exception):
-    """A failure worth retrying: connection trouble, timeout, HTTP 408/429/5xx, a mangled body."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 @dataclasses.dataclass
 class OpenAIJudge:
     """A judge behind any OpenAI-compatible `/chat/completions` endpoint, called with the standard library.
@@ -336,19 +323,16 @@ class OpenAIJudge:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1 or self.max_retries < 0 or self.backoff < 0 or self.timeout <= 0:
             raise CmeError("judge: max_concurrency must be >= 1, max_retries >= 0, backoff >= 0 and timeout > 0")
-        # A plain attribute, not a dataclass field: repr(), asdict() and == never see the key.
-        self._api_key: str | None = None
-        if self.api_key_env is not None:
-            key = os.environ.get(self.api_key_env, "")
-            if not key.strip():
-                raise CmeError(
-                    f"judge: environment variable {self.api_key_env} is not set; export the API key "
-                    "there, or set api_key_env to null for an endpoint that needs no key"
-                )
-            self._api_key = key.strip()
-        self._url = self.base_url.rstrip("/") + "/chat/completions"
-        # The default opener honours http(s)_proxy/no_proxy, as users behind proxies expect.
-        self._opener = urllib.request.build_opener()
+        # A plain attribute, not a dataclass field: repr(), asdict() and == never see the key it holds.
+        self._endpoint = JsonEndpoint(
+            self.base_url.rstrip("/") + "/chat/completions",
+            label="judge",
+            api_key_env=self.api_key_env,
+            max_retries=self.max_retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            timeout=self.timeout,
+        )
 
     @property
     def judge_id(self) -> str:
@@ -358,71 +342,15 @@ class OpenAIJudge:
             f"temperature={self.temperature}|max_tokens={self.max_tokens}"
         )
 
-    def _scrub(self, text: str) -> str:
-        """Remove the key from text that may be shown (servers sometimes echo a rejected key)."""
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
-
-    def _post(self, messages: list[Message]) -> str:
-        """One request; returns the reply text or raises _Transient / CmeError."""
+    def complete(self, messages: list[Message]) -> str:
+        """One conversation with retries and exponential backoff; CmeError when the endpoint keeps failing."""
         body = {
             "model": self.model,
             "messages": messages,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(self._url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = self._scrub(e.read(300).decode("utf-8", "replace").strip().replace("\n", " "))
-            except OSError:
-                detail = ""
-            if e.code in (408, 429) or e.code >= 500:
-                raise _Transient(f"HTTP {e.code}", _retry_after(e.headers)) from None
-            raise CmeError(
-                f"judge endpoint {self._url} answered HTTP {e.code}: {detail[:200]}"
-                + (" (check the API key)" if e.code in (401, 403) else "")
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", e)
-            raise _Transient(f"{type(e).__name__}: {self._scrub(str(reason))}") from None
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Transient("response is not a chat completion") from None
-        # A null content (e.g. a refusal) is an empty reply: unparsed, and retried as such.
-        return content if isinstance(content, str) else ""
-
-    def complete(self, messages: list[Message]) -> str:
-        """One conversation with retries and exponential backoff; CmeError when the endpoint keeps failing."""
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._post(messages)
-            except _Transient as e:
-                last = str(e)
-                if attempt == self.max_retries:
-                    break
-                delay = min(self.max_backoff, self.backoff * 2**attempt)
-                delay = delay * (0.5 + random.random() / 2)  # jitter: concurrent retries do not stampede
-                if e.retry_after is not None:
-                    delay = min(self.max_backoff, max(delay, e.retry_after))
-                log.warning(
-                    "judge request failed (%s); retry %d/%d in %.2f s",
-                    last,
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
-        raise CmeError(f"judge endpoint {self._url} failed {self.max_retries + 1} times; last error: {last}")
+        return self._endpoint.post(body, _reply_text)
 
     def judge(
         self, conversations: Sequence[list[Message]], on_result: Callable[[int, str], None] | None = None
@@ -432,48 +360,17 @@ class OpenAIJudge:
         When one request fails for good, the queued ones are cancelled but those already in flight
         are awaited and reported (so they get cached), then the first error is raised.
         """
-        out: list[str | None] = [None] * len(conversations)
-        if not conversations:
-            return []
-        error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(conversations))) as pool:
-            futures: dict[Future[str], int] = {
-                pool.submit(self.complete, conv): i for i, conv in enumerate(conversations)
-            }
-            try:
-                for fut in as_completed(futures):
-                    try:
-                        text = fut.result()
-                    except CancelledError:
-                        continue
-                    except Exception as e:
-                        if error is None:
-                            error = e
-                            for f in futures:
-                                f.cancel()
-                        continue
-                    i = futures[fut]
-                    out[i] = text
-                    if on_result is not None:
-                        on_result(i, text)
-            finally:
-                # Covers Ctrl-C and a failing on_result too: never keep paying for queued requests.
-                for f in futures:
-                    f.cancel()
-        if error is not None:
-            raise error
-        return out  # type: ignore[return-value]
+        return map_concurrently(self.complete, conversations, self.max_concurrency, on_result)
 
 
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from a numeric Retry-After header, if the server sent one."""
-    if headers is None:
-        return None
-    value = headers.get("Retry-After")
+def _reply_text(reply: Any) -> str:
+    """The text of a chat completion; Transient for anything else (a gateway's HTML page, a truncated body)."""
     try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise Transient("response is not a chat completion") from None
+    # A null content (e.g. a refusal) is an empty reply: unparsed, and retried as such.
+    return content if isinstance(content, str) else ""
 
 
 # ----------------------------------------------------------------------------- cache

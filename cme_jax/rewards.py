@@ -1,10 +1,10 @@
 """Rewards: one registry of reward terms and ONE pure function, `combine`, that turns scores into rewards.
 
 Everything that reads a reward goes through `combine(reward_cfg, RewardInputs) -> (rewards, metrics)`: both
-training paths (the host path, `compute_rewards`, for verifiers that re-read text with their own tokenizer,
-and the device path, `device_reward_fn`, inside the trainer's single jitted step), `score`, `audit`,
-`evaluate` and the held-out evaluation. Callers only gather the inputs: per-verifier scores in both CME
-forms, the policy's own statistics, lengths, stop flags and the guards' inputs.
+training paths (the host path, `compute_rewards`, for verifiers that re-read text with their own tokenizer or
+are served by an inference server, and the device path, `device_reward_fn`, inside the trainer's single
+jitted step), `score`, `audit`, `evaluate` and the held-out evaluation. Callers only gather the inputs:
+per-verifier scores in both CME forms, the policy's own statistics, lengths, stop flags and the guards' inputs.
 
 A reward is a weighted sum of named terms (`RewardConfig.terms`), each one function in `REGISTRY`: `cme`,
 the weighted sum of the verifiers' mean response log-probs (contrastive: minus the same response's mean
@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -722,12 +724,14 @@ class RewardBatch:
 
 @dataclasses.dataclass
 class RewardOutput:
-    """Rewards [R], every component before weighting, the empty rows and a flat dict of diagnostics."""
+    """Rewards [R], every component before weighting, the empty rows, a flat dict of diagnostics and timings."""
 
     rewards: np.ndarray
     components: dict[str, np.ndarray]
     empty: np.ndarray
     diagnostics: dict[str, float]
+    # time/score_remote: the served verifiers' time from their first request to their last reply
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def verifier_contexts(verifier: Verifier, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -803,16 +807,30 @@ def compute_rewards(
         side["tokens"] = np.asarray(batch.response_tokens)
         empty |= side["lengths"] <= 0
     forms: dict[str, VerifierForms] = {}
+    timings: dict[str, float] = {}
     if "cme" in rcfg.term_names:
         cme_weight = next(t.weight for t in rcfg.terms if t.name == "cme")
         kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget)
-        for v in verifiers:
-            if skip_unweighted and cme_weight * v.config.weight == 0:
-                continue
+        scored = [v for v in verifiers if not (skip_unweighted and cme_weight * v.config.weight == 0)]
+
+        def forms_of(v: Verifier) -> VerifierForms:
             if policy is not None and batch.has_tokens and v.shares_vocabulary(policy.tokenizer):
-                forms[v.name] = _fast_forms(v, batch, chunk_budget)
-            else:
-                forms[v.name] = text_forms(v, batch.row_prompts(), batch.responses, batch.stopped, **kw)
+                return _fast_forms(v, batch, chunk_budget)
+            return text_forms(v, batch.row_prompts(), batch.responses, batch.stopped, **kw)
+
+        def timed(v: Verifier) -> tuple[VerifierForms, float]:
+            t0 = time.perf_counter()
+            return forms_of(v), time.perf_counter() - t0
+
+        served = [v for v in scored if v.remote is not None]
+        # Served verifiers wait on the network in threads while the local ones run here.
+        with ThreadPoolExecutor(max_workers=max(1, len(served))) as pool:
+            pending = {v.name: pool.submit(timed, v) for v in served}
+            local = {v.name: forms_of(v) for v in scored if v.remote is None}
+            done = {name: f.result() for name, f in pending.items()}
+        forms = {v.name: done[v.name][0] if v.name in done else local[v.name] for v in scored}
+        if served:
+            timings["time/score_remote"] = max(t for _, t in done.values())
     stats = _policy_stats(batch, policy, rcfg.policy_stats, chunk_budget) if rcfg.policy_stats else {}
     x = RewardInputs(
         empty=empty,
@@ -824,7 +842,7 @@ def compute_rewards(
         **side,
     )
     parts = combine_host(rcfg, x)
-    return RewardOutput(parts.rewards, parts.components, parts.empty, parts.metrics)
+    return RewardOutput(parts.rewards, parts.components, parts.empty, parts.metrics, timings)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -904,7 +922,8 @@ def device_reward_fn(
     chunk_budget: int = DEFAULT_CHUNK_ELEMENTS,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
 ) -> DeviceReward | None:
-    """The reward as one pure device function, or None when a verifier needs text (another vocabulary).
+    """The reward as one pure device function, or None when a verifier needs text (another vocabulary) or is
+    served by an inference server (`compute_rewards` then scores on the host).
 
     The inputs `compute_rewards` gathers on the host are built on device from the policy's ids (verifier rows
     by `score_same_vocab`, special tokens dropped as decoding drops them; the baselines from one policy

@@ -5,6 +5,8 @@ the context and the response are tokenized separately with the verifier's tokeni
 context left-padded to a length bucket and the response right-padded to another, so the response always
 starts at the same static column and the vocabulary head runs only from there. When a verifier's tokenizer
 is the policy's, `score_same_vocab` builds the same rows on device from the policy's response ids instead.
+A served verifier (`VerifierConfig.url`) gets the same token ids, and an inference server scores them
+(`cme_jax.remote`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ ContextFormat = Literal["auto", "chat", "plain"]
 VerifierDtype = Literal["auto", "float32", "bfloat16"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Settings of served verifiers only (see VerifierConfig.url).
+_SERVED_FIELDS = ("server_model", "key_env", "timeout", "concurrency", "request_rows", "retries", "cache")
 # Any text works as the probe as long as a chat template copies it verbatim into the assistant turn.
 _PROBE = "cme-probe-7Qx"
 
@@ -63,9 +68,19 @@ class VerifierConfig:
     dtype: VerifierDtype = "auto"  # auto = bfloat16 on accelerators, float32 on the CPU
     max_length: int = 1024  # response tokens scored at most; longer responses are scored on their start
     contrastive: bool = False  # subtract the response's mean log-prob after an empty prompt
+    # A served verifier: with `url` set, the model runs on an OpenAI-compatible server (vLLM) and `model` only
+    # names its tokenizer (Hub id or local directory), with which cme_jax builds the token ids it sends.
+    url: str | None = None  # base URL of the server, e.g. http://node7:8000/v1
+    server_model: str | None = None  # the name the server serves the model under; default: model
+    key_env: str | None = None  # environment variable holding the server's API key; null = the server needs none
+    timeout: float = 300.0  # seconds one request may take
+    concurrency: int = 16  # requests in flight at once
+    request_rows: int = 64  # rows per request at most (fewer, so that `concurrency` requests carry them all)
+    retries: int = 5  # retries of a request after a timeout, a dropped connection or HTTP 408/429/5xx
+    cache: str | None = "auto"  # directory of already scored rows; auto = <cme_jax cache>/served, null = none
 
     def __post_init__(self) -> None:
-        """Validate every field with one line naming it; fill in the default name."""
+        """Validate every field with one line naming it; fill in the default name and server model."""
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"verifier.model={self.model!r} must be a model spec (Hub id, directory, .gguf, alias)")
         if not isinstance(self.name, str):
@@ -87,6 +102,47 @@ class VerifierConfig:
         m = self.max_length
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"verifier.max_length={m!r} must be an integer >= 1")
+        self._check_served()
+
+    def _check_served(self) -> None:
+        if self.url is None:
+            for f in dataclasses.fields(self):
+                if f.name in _SERVED_FIELDS and getattr(self, f.name) != f.default:
+                    raise ValueError(
+                        f"verifier.{f.name} applies to served verifiers only; set verifier.url to the server, "
+                        f"or drop {f.name}"
+                    )
+            return
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"verifier.url={self.url!r} must be the http(s) base URL of an OpenAI-compatible server, "
+                "e.g. http://node7:8000/v1"
+            )
+        if self.dtype != "auto":
+            raise ValueError(
+                f"verifier.dtype={self.dtype!r}: a served verifier runs in the server's dtype "
+                "(vllm serve --dtype); leave dtype auto"
+            )
+        if self.server_model is None:
+            object.__setattr__(self, "server_model", self.model)
+        if not isinstance(self.server_model, str) or not self.server_model.strip():
+            raise ValueError(f"verifier.server_model={self.server_model!r} must name the model the server serves")
+        if self.key_env is not None and not (isinstance(self.key_env, str) and _ENV_RE.match(self.key_env)):
+            raise ValueError(f"verifier.key_env={self.key_env!r} must be the name of an environment variable")
+        t = self.timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0 or not np.isfinite(t):
+            raise ValueError(f"verifier.timeout={t!r} must be a number of seconds > 0")
+        for field, low in (("concurrency", 1), ("request_rows", 1), ("retries", 0)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"verifier.{field}={v!r} must be an integer >= {low}")
+        if self.cache is not None and (not isinstance(self.cache, str) or not self.cache.strip()):
+            raise ValueError(f"verifier.cache={self.cache!r} must be a directory, 'auto' or null (no cache)")
+
+    @property
+    def served(self) -> bool:
+        """Whether an inference server scores for this verifier (`url` is set)."""
+        return self.url is not None
 
 
 def resolve_dtype(name: VerifierDtype) -> Any:
@@ -153,6 +209,7 @@ class Verifier:
     chat: bool
     end_id: int | None
     pad: int
+    remote: Any = None  # cme_jax.remote.ServedVerifier when an inference server scores (config.url), else None
     _contexts: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
     _same_as: dict[int, bool] = dataclasses.field(default_factory=dict, repr=False)
     _hidden: np.ndarray | None = dataclasses.field(default=None, repr=False)
@@ -172,7 +229,12 @@ class Verifier:
         end_id = end_of_turn_id(tok, chat)
         if config.score_eos and end_id is None:
             raise CmeError(f"verifier {config.name!r}: score_eos needs an EOS token, which {config.model} lacks")
-        return cls(config, model, chat, end_id, tokenizer_pad_id(tok))
+        remote = None
+        if config.served:
+            from cme_jax.remote import ServedVerifier
+
+            remote = ServedVerifier(config)
+        return cls(config, model, chat, end_id, tokenizer_pad_id(tok), remote)
 
     @property
     def name(self) -> str:
@@ -216,7 +278,10 @@ class Verifier:
         return self._hidden
 
     def shares_vocabulary(self, tokenizer: Any) -> bool:
-        """Whether the same-vocabulary fast path applies for a policy with this tokenizer."""
+        """Whether the same-vocabulary fast path applies for a policy with this tokenizer (never when served:
+        that path runs the verifier's weights on this machine)."""
+        if self.remote is not None:
+            return False
         key = id(tokenizer)
         if key not in self._same_as:
             self._same_as[key] = same_tokenizer(self.tokenizer, tokenizer)
@@ -224,9 +289,15 @@ class Verifier:
 
 
 def load_verifier(config: VerifierConfig, *, mesh: Any = None) -> Verifier:
-    """Load a verifier's model in its configured dtype (into `mesh` shardings when given)."""
-    from cme_jax.sources import load_model
+    """Load a verifier's model in its configured dtype (into `mesh` shardings when given); a served verifier's
+    tokenizer only."""
+    from cme_jax.sources import LoadedModel, load_model, load_tokenizer, resolve
 
+    if config.served:
+        src = resolve(config.model, weights=False)
+        # No config or weights: the server runs the model, and only the tokenizer is used here.
+        model = LoadedModel(config.model, None, None, load_tokenizer(src), src.hf_config, src)
+        return Verifier.from_model(config, model)
     return Verifier.from_model(config, load_model(config.model, dtype=resolve_dtype(config.dtype), mesh=mesh))
 
 
@@ -434,6 +505,7 @@ class VerifierScores:
     count: np.ndarray  # [R] int32 scored tokens (end token included)
     empty: np.ndarray  # [R] bool, no response token to score
     truncated: np.ndarray  # [R] bool, longer than max_length and scored on its first max_length tokens
+    served_seconds: float = 0.0  # a served verifier's time from its first request to its last reply
 
 
 def pack_rows(
@@ -560,14 +632,22 @@ def score_texts(
     truncated = np.array([e[1] for e in encoded], bool)
     end = 1 if verifier.config.score_eos else 0
     content = np.array([len(i) - (0 if t else end * bool(s)) for i, t, s in zip(ids, truncated, stopped_R)])
-    kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget, block_tokens=block_tokens)
-    total, count = _score_id_rows(verifier, contexts, ids, progress=progress, **kw)
+    bare = [verifier.context_ids("")] * R if verifier.config.contrastive else []
+    seconds = 0.0
+    if verifier.remote is not None:
+        # Both passes in one call: every row in flight at once.
+        sums = verifier.remote.score_rows(contexts + bare, ids + ids[: len(bare)], progress=progress, counted=R)
+        total, count, seconds = sums.total[:R], sums.count[:R], sums.seconds
+        base_total, base_count = sums.total[R:], sums.count[R:]
+    else:
+        kw = dict(batch_size=batch_size, mesh=mesh, chunk_budget=chunk_budget, block_tokens=block_tokens)
+        total, count = _score_id_rows(verifier, contexts, ids, progress=progress, **kw)
+        if bare:
+            base_total, base_count = _score_id_rows(verifier, bare, ids, progress=None, **kw)
     mean = total / np.maximum(count, 1)
-    if verifier.config.contrastive:
-        bare = verifier.context_ids("")
-        base_total, base_count = _score_id_rows(verifier, [bare] * R, ids, progress=None, **kw)
+    if bare:
         mean = mean - base_total / np.maximum(base_count, 1)
-    return VerifierScores(mean.astype(np.float32), count, content <= 0, truncated)
+    return VerifierScores(mean.astype(np.float32), count, content <= 0, truncated, seconds)
 
 
 def check_finite(values: np.ndarray, valid: np.ndarray, what: str) -> None:
@@ -592,6 +672,8 @@ def score_key(verifier: Verifier, prompt: str, text: str, stopped: bool) -> str:
     """Cache key of one scored row: everything in the verifier's config that changes its scores, and the row."""
     vc = verifier.config
     ident = {k: getattr(vc, k) for k in ("model", "context", "template", "max_length", "score_eos", "dtype")}
+    if vc.served:  # the model that scores is the server's; `model` only names the tokenizer
+        ident["server_model"] = vc.server_model
     blob = json.dumps({"verifier": ident, "prompt": prompt, "text": text, "stopped": stopped}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

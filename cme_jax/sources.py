@@ -131,7 +131,7 @@ class ResolvedSource:
     tokenizer_dir: Path | None  # directory with tokenizer files, if known
 
 
-def _hub_download(repo: str, revision: str | None) -> Path:
+def _hub_download(repo: str, revision: str | None, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -140,7 +140,7 @@ def _hub_download(repo: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
@@ -172,8 +172,11 @@ def _gguf_source(spec: str, path: Path, tokenizer_dir: Path | None) -> ResolvedS
     return ResolvedSource(spec, "gguf", path, _text_config_dict(store.hf_config), tokenizer_dir)
 
 
-def resolve(spec: str) -> ResolvedSource:
-    """Turn a model spec into a local source; downloads only for Hub ids and embedded aliases."""
+def resolve(spec: str, *, weights: bool = True) -> ResolvedSource:
+    """Turn a model spec into a local source; downloads only for Hub ids and embedded aliases.
+
+    weights=False fetches a Hub model's config and tokenizer only (a served verifier needs nothing else).
+    """
     if spec in EMBEDDED:
         gguf_path = fetch_embedded(spec)
         return _gguf_source(spec, gguf_path, gguf_path.parent / "tokenizer")
@@ -202,7 +205,7 @@ def resolve(spec: str) -> ResolvedSource:
             f"model {spec!r} is neither an existing path, a Hub id like 'org/name', nor an embedded alias "
             f"({', '.join(EMBEDDED)})"
         )
-    local = _hub_download(repo, revision or None)
+    local = _hub_download(repo, revision or None, weights)
     cfg_file = local / "config.json"
     if not cfg_file.exists():
         raise CmeError(f"{spec}: the Hub snapshot has no config.json; is it a transformers model repository?")

@@ -291,11 +291,11 @@ def load_run(cfg: TrainConfig) -> Run:
         )
     # Every other model spec resolves too (local files exist, Hub snapshots and embedded files are fetched), so a
     # wrong path fails here, in one line, not after the policy has loaded.
-    others = [vc.model for vc in cfg.reward.verifiers]
+    others = [(vc.model, not vc.served) for vc in cfg.reward.verifiers]
     if cfg.model.reference not in (None, "policy"):
-        others.append(cfg.model.reference)
-    for spec in others:
-        resolve(spec)
+        others.append((cfg.model.reference, True))
+    for spec, weights in others:
+        resolve(spec, weights=weights)
     if is_main():  # the input is valid: record it before the (slow) model loads
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,6 +387,7 @@ class Stepper:
         metrics = jax.device_get(metrics)
         t3 = time.perf_counter()
         metrics.update(out.diagnostics)
+        metrics.update(out.timings)  # time/score_remote: the network's share of time/score
         metrics.update({"time/sample": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0})
         return state, metrics, ro_host, {"rewards": out.rewards}
 

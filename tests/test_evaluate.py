@@ -4,7 +4,6 @@ served by a real model, CME metrics checked against direct scoring, output cachi
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import json
 import re
 import subprocess
@@ -27,6 +26,7 @@ from cme_jax.prompts import DataConfig, load_prompts
 from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
 from cme_jax.tokens import format_prompt
+from tests.json_server import JsonServer, send_json
 
 SECRET = "sk-eval-SECRET-4d9b2e71c0"
 KEY_ENV = "CME_EVAL_TEST_KEY"
@@ -340,21 +340,8 @@ class ModelServer:
         self.fail_first = True
         self.first_seen = 0
         self.down_after: int | None = None
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.handle(self, body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.http = JsonServer(self.handle)
+        self.base_url = self.http.base_url
 
     def reply(self, messages, max_tokens):
         tok = self.model.tokenizer
@@ -371,14 +358,7 @@ class ModelServer:
         return out[0][0]["response"].strip()
 
     def send(self, h, status, payload, headers=()):
-        data = json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, status, payload, headers)
         with self.lock:
             self.statuses.append(status)
 
@@ -407,8 +387,7 @@ class ModelServer:
         )
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import importlib.metadata
 import importlib.util
 import json
@@ -47,6 +46,7 @@ from cme_jax.judging import (
     write_model_outputs,
     write_results,
 )
+from tests.json_server import JsonServer, send_json
 
 SECRET = "sk-test-SECRET-7f3a9c1e5b"
 
@@ -693,31 +693,11 @@ class FakeOpenAI:
         self.mode = "healthy"  # healthy | flaky | down | unauthorized
         self.down_after: int | None = None  # answer this many, then 503 for everything
         self.granted = 0
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.handle(self, body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.http = JsonServer(self.handle)
+        self.base_url = self.http.base_url
 
     def _send(self, h, status, payload, headers=()):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in headers:
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
+        send_json(h, status, payload, headers)
         with self.lock:
             self.statuses.append(status)
 
@@ -766,8 +746,7 @@ class FakeOpenAI:
         )
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
