@@ -141,7 +141,7 @@ def child_jax(rows: int, new: int, repeats: int) -> dict:
     no_stop = np.asarray([], np.int32)
     t = time.perf_counter()
     # As `generate` does: the decode copy of the weights is built once per model, like loading them.
-    step_weights = prepare_decode(m.weights)
+    step_weights = prepare_decode(m.weights, m.cfg)
 
     def run(seed: int):
         key = jax.random.key(seed)

@@ -15,6 +15,7 @@ from cme_jax import configtools
 from cme_jax.errors import CmeError
 from cme_jax.grpo import GRPOConfig
 from cme_jax.metrics import LoggingConfig
+from cme_jax.models.sharding import mesh_sizes
 from cme_jax.models.transformer import Remat
 from cme_jax.prompts import DataConfig
 from cme_jax.rewards import RewardConfig
@@ -178,19 +179,7 @@ class TrainConfig:
 
 def check_mesh_fits(cfg: TrainConfig, device_count: int) -> tuple[int, int, int]:
     """Resolve the mesh sizes for this many devices and check the batch splits over the data axes."""
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    known = 1
-    for v in sizes:
-        known *= v if v != -1 else 1
-    if -1 in sizes:
-        if device_count % known:
-            raise CmeError(f"mesh {tuple(sizes)} does not divide the {device_count} visible devices")
-        sizes[sizes.index(-1)] = device_count // known
-    if sizes[0] * sizes[1] * sizes[2] != device_count:
-        raise CmeError(
-            f"mesh data*fsdp*tensor = {sizes[0] * sizes[1] * sizes[2]} but {device_count} devices are visible; "
-            "set mesh sizes whose product is the device count"
-        )
+    sizes = mesh_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, device_count)
     data_ways = sizes[0] * sizes[1]
     if cfg.train.prompts_per_step % data_ways:
         raise CmeError(

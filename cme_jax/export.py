@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from cme_jax.checkpoint import CheckpointManager, checkpoint_dir
 from cme_jax.errors import CmeError, cli_main
 from cme_jax.models.families import config_from_hf
-from cme_jax.models.transformer import ModelConfig, Weights, _is_spec, abstract
+from cme_jax.models.sharding import is_spec
+from cme_jax.models.transformer import ModelConfig, Weights, abstract
 from cme_jax.models.weights import save_hf_checkpoint
 from cme_jax.sources import load_tokenizer, resolve
 
@@ -31,7 +32,7 @@ _DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def host_params_abstract(cfg: ModelConfig) -> Weights:
     """float32 ShapeDtypeStructs without shardings: restore reads them as host numpy arrays."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), abstract(cfg), is_leaf=_is_spec)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract(cfg, jnp.float32), is_leaf=is_spec)
 
 
 def export_checkpoint(

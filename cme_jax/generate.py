@@ -109,7 +109,7 @@ def generate_responses(
     num_batches = -(-len(ids) // batch_size)
     G = scfg.num_samples
     t_start, n_tokens, seen_shapes = time.perf_counter(), 0, set()
-    step_weights = prepare_decode(model.weights)  # once for all batches, not inside every call
+    step_weights = prepare_decode(model.weights, model.cfg)  # once for all batches, not inside every call
     for b, start in enumerate(range(0, len(ids), batch_size)):
         idx = order[start : start + batch_size]
         batch = [ids[i] for i in idx]
@@ -120,9 +120,7 @@ def generate_responses(
             toks, mask = jax.device_put(toks, rows_in), jax.device_put(mask, rows_in)
         t0 = time.perf_counter()
         key = jax.random.fold_in(rng, b)
-        ro = sample_jit(
-            model.weights, model.cfg, toks, mask, key, scfg, stops, pad, mesh=mesh, decode_weights=step_weights
-        )
+        ro = sample_jit(model.weights, model.cfg, toks, mask, key, scfg, stops, pad, decode_weights=step_weights)
         resp = response_token_lists(ro)
         stopped, logps = np.asarray(ro.stopped), np.asarray(ro.logprobs)
         for j, i in enumerate(idx[:rows]):

@@ -1,35 +1,35 @@
 """Batched generation on device: one prefill per prompt, its KV cache copied to G samples, a while-loop decode.
 
 `sample` is a pure, jittable function of (weights, left-padded prompts, rng); the same code runs on one CPU,
-one GPU or a sharded mesh (place the weights with `weight_shardings` and the prompts with `batch_sharding`
-and jit it). Filters and the draw work row by row, so batch rows may be split over the data axes.
+one GPU or a sharded mesh (place the weights with `weight_shardings` and the prompts with `batch_sharding` and
+jit it; the cache follows the weights' mesh). Filters and the draw work row by row, so batch rows may be split
+over the data axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cme_jax.models.sharding import batch_sharding
+from cme_jax.models import decode_layout
+from cme_jax.models.decode_layout import LayoutChoice
+from cme_jax.models.sharding import constrain, mesh_of
 from cme_jax.models.transformer import (
     Array,
     KVCache,
     ModelConfig,
     Weights,
-    _softcap,
-    decode_layout,
     default_positions,
     forward_hidden,
     init_cache,
     lm_head,
-    split_cache,
+    softcap,
 )
 
 # The draw picks a block of this many vocabulary entries, then a token inside it: two short cumulative sums
@@ -195,7 +195,7 @@ def _head_VxR(weights: Weights, cfg: ModelConfig, h_RxD: Array) -> Array:
     [R, V], and the filters and the draw reduce over its contiguous leading axis.
     """
     logits = jnp.einsum("vd,rd->vr", lm_head(weights), h_RxD, preferred_element_type=jnp.float32)
-    return _softcap(logits, cfg.final_softcap)
+    return softcap(constrain(logits, ("vocab", "batch"), mesh_of(weights.embed)), cfg.final_softcap)
 
 
 def _grow(cache: KVCache, n: int) -> KVCache:
@@ -228,42 +228,9 @@ def cache_stages(n: int) -> list[int]:
     return [(n * (j + 1)) // k for j in range(k)]
 
 
-DecodeLayout = Literal["auto", "per_layer", "stacked"]
-
-
-def _per_layer_decode(layout: DecodeLayout) -> bool:
-    """Decode with `decode_layout` weights? "auto" does except on TPUs, whose compiler reads stacked layers in
-    place. On CPUs and GPUs the scan copies each layer's weights and cache out every step (per-layer decoding ran
-    1.8x faster on an H200, 2-3x on a CPU); the price is a second copy of the layer weights while sampling."""
-    if layout == "auto":
-        return jax.default_backend() != "tpu"
-    return layout == "per_layer"
-
-
-def _rows_over_data(tree: Any, mesh: Mesh | None, axis: int = 0) -> Any:
-    """Constrain every array's `axis` (its rows) to the mesh's batch axes; a no-op without a mesh."""
-    if mesh is None:
-        return tree
-    rows = batch_sharding(mesh, 1).spec[0]
-
-    def one(x: Array) -> Array:
-        spec = [None] * x.ndim
-        spec[axis] = rows
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-    return jax.tree.map(one, tree)
-
-
-def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
-    if mesh is None:
-        return cache
-    stacked = not isinstance(cache.k, tuple)  # stacked buffers have the layer axis first
-    return cache.replace(
-        k=_rows_over_data(cache.k, mesh, 1 if stacked else 0),
-        v=_rows_over_data(cache.v, mesh, 1 if stacked else 0),
-        valid=_rows_over_data(cache.valid, mesh),
-        pos=_rows_over_data(cache.pos, mesh),
-    )
+def _rows(tree: Any, mesh: Any) -> Any:
+    """Every array of the loop state ([R] or [R, N]) placed by the rules: rows over the batch axes."""
+    return jax.tree.map(lambda x: constrain(x, ("batch", "sequence")[: x.ndim], mesh), tree)
 
 
 def _is_stop(tok_R: Array, stop_ids: Array) -> Array:
@@ -279,26 +246,27 @@ def sample(
     scfg: SamplingConfig,
     stop_ids: Array | Sequence[int] = (),
     pad_id: int = 0,
-    layout: DecodeLayout = "auto",
-    mesh: Mesh | None = None,
+    layout: LayoutChoice = "auto",
     decode_weights: Weights | None = None,
 ) -> Rollout:
-    """Draw num_samples responses per left-padded prompt; pure and jittable (cfg, scfg, pad_id, layout, mesh static).
+    """Draw num_samples responses per left-padded prompt; pure and jittable (cfg, scfg, pad_id, layout static).
 
     The prompt mask is True at real tokens. Rows are group-major (prompt b's samples are rows b*G .. b*G+G-1).
     A row ends after its first token in `stop_ids` (kept in the response) or after max_new_tokens. Step t draws
     with the key fold_in(rng, t) and one uniform per row, so results depend only on rng and the inputs.
-    `layout` picks the decode path (see `_per_layer_decode`); both give the same tokens. With a `mesh` (static),
-    the rows of the cache and of the loop state are kept split over its batch axes (data and fsdp) rather than
-    left to the compiler's propagation. `decode_weights` is `prepare_decode(weights)` built once by a caller that
-    samples many batches with the same weights; without it the per-layer path builds that copy in every call.
+    `layout` picks the decode path (see `decode_layout.resolve`); all give the same tokens. On a mesh (weights
+    placed by `weight_shardings`) the cache and the loop state are placed by the rules: rows over the batch axes.
+    `decode_weights` is `prepare_decode(weights, cfg, layout)` built once by a caller that samples many batches
+    with the same weights; without it the per-layer layouts build that copy in every call.
     """
     B, P = prompt_tokens_BxP.shape
     G, N = scfg.num_samples, scfg.max_new_tokens
     R = B * G
+    mesh = mesh_of(weights.embed)
     mask = prompt_mask_BxP.astype(bool)
     positions = default_positions(mask)
     stop_ids = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
+    chosen = decode_layout.resolve(layout)
 
     def pick(i: Array, logits_VxR: Array) -> tuple[Array, Array]:
         u = jax.random.uniform(jax.random.fold_in(rng, i), (R,), jnp.float32)
@@ -314,12 +282,16 @@ def sample(
         cache = _repeat_rows(_grow(cache, stages[0]), G)
         logits_VxB = _head_VxR(weights, cfg, h[:, -1])
         tok, lp = pick(jnp.zeros((), jnp.int32), jnp.repeat(logits_VxB, G, axis=1))
-    step_weights = weights
-    if decode_weights is not None:
-        step_weights, cache = decode_weights, split_cache(cache)
-    elif _per_layer_decode(layout):
-        step_weights, cache = decode_layout(weights), split_cache(cache)
-    cache = _constrain_cache(cache, mesh)
+    if chosen == "stacked":
+        if decode_weights is not None:
+            raise ValueError(f"layout={layout!r} decodes the stored weights; pass decode_weights=None")
+        step_weights = weights
+        decode = lambda w, *args: forward_hidden(w, cfg, *args)
+    else:
+        step_weights = decode_layout.to_layout(weights, cfg, chosen) if decode_weights is None else decode_weights
+        cache = decode_layout.split_cache(cache)
+        decode = lambda w, *args: decode_layout.forward_unrolled(w, cfg, chosen, *args)
+    place_cache = lambda c: decode_layout.constrain_cache(c, mesh, chosen)
 
     toks = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok)
     tmask = jnp.zeros((R, N), bool).at[:, 0].set(True)
@@ -338,21 +310,21 @@ def sample(
         # Feed the token drawn at step i-1, draw step i; finished rows keep running but record nothing.
         i, toks, tmask, logps, done, cache, tok, pos = state
         live = ~done
-        h, cache = forward_hidden(step_weights, cfg, tok[:, None], pos[:, None], live[:, None], cache)
+        h, cache = decode(step_weights, tok[:, None], pos[:, None], live[:, None], cache)
         tok, lp = pick(i, _head_VxR(weights, cfg, h[:, 0]))
         tok = jnp.where(live, tok, pad_id)
         toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
         tmask = jax.lax.dynamic_update_slice(tmask, live[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, jnp.where(live, lp, 0.0)[:, None], (0, i))
         done = done | (live & _is_stop(tok, stop_ids))
-        toks, tmask, logps, done, tok = _rows_over_data((toks, tmask, logps, done, tok), mesh)
-        return i + 1, toks, tmask, logps, done, _constrain_cache(cache, mesh), tok, pos + 1
+        toks, tmask, logps, done, tok = _rows((toks, tmask, logps, done, tok), mesh)
+        return i + 1, toks, tmask, logps, done, cache, tok, pos + 1
 
-    state = (jnp.ones((), jnp.int32), *_rows_over_data((toks, tmask, logps, done), mesh), cache, tok, pos)
+    state = (jnp.ones((), jnp.int32), *_rows((toks, tmask, logps, done), mesh), place_cache(cache), tok, pos)
     with jax.named_scope("decode"):
         for j, end in enumerate(stages):
             if j:  # the next stage's slots: one copy of the cache, where every step reads all of it
-                grown = _constrain_cache(_grow(state[5], end - stages[j - 1]), mesh)
+                grown = place_cache(_grow(state[5], end - stages[j - 1]))
                 state = (*state[:5], grown, *state[6:])
             state = jax.lax.while_loop(cond(end), body, state)
         _, toks, tmask, logps, done, _, _, _ = state
@@ -360,22 +332,19 @@ def sample(
     return Rollout(tokens=toks, mask=tmask, logprobs=logps, lengths=lengths, stopped=done, truncated=~done)
 
 
-sample_jit = jax.jit(sample, static_argnames=("cfg", "scfg", "pad_id", "layout", "mesh"))
+sample_jit = jax.jit(sample, static_argnames=("cfg", "scfg", "pad_id", "layout"))
+_to_layout_jit = jax.jit(decode_layout.to_layout, static_argnames=("cfg", "layout"))
 
 
-@jax.jit
-def _decode_layout_jit(weights: Weights) -> Weights:
-    return decode_layout(weights)
-
-
-def prepare_decode(weights: Weights, layout: DecodeLayout = "auto") -> Weights | None:
+def prepare_decode(weights: Weights, cfg: ModelConfig, layout: LayoutChoice = "auto") -> Weights | None:
     """The per-layer copy of `weights` that `sample` decodes with, or None where `layout` decodes stacked layers.
 
     Callers that sample many batches with the same weights build it once and pass it as `sample(...,
     decode_weights=)`: building it inside every call rewrites every layer matrix (on a CPU, into fresh memory
     whose first touch costs as much as the copy), about a tenth of a 16 x 64 sampling call on a 2-core CPU.
     """
-    return _decode_layout_jit(weights) if _per_layer_decode(layout) else None
+    chosen = decode_layout.resolve(layout)
+    return None if chosen == "stacked" else _to_layout_jit(weights, cfg, chosen)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -256,7 +256,6 @@ def load_model(
     *,
     dtype: Any = jnp.float32,
     mesh: Any = None,
-    rules: Any = None,
     tokenizer: bool = True,
 ) -> LoadedModel:
     """Resolve a spec and load its weights (placed straight into `mesh` shardings when given)."""
@@ -264,7 +263,7 @@ def load_model(
 
     src = resolve(spec)
     cfg = config_from_hf(src.hf_config)
-    shardings = None if mesh is None else weight_shardings(cfg, mesh, rules)
+    shardings = None if mesh is None else weight_shardings(cfg, mesh)
     weights = load_weights(cfg, open_store(src), dtype=dtype, shardings=shardings)
     tok = load_tokenizer(src) if tokenizer else None
     return LoadedModel(spec, cfg, weights, tok, src.hf_config, src)

@@ -23,7 +23,7 @@ def test_cme_reward_rises(verifier, fused, banner, tiny_models, prompts_file, tm
         prompts_file,
         tmp_path / "run",
         verifier=verifier,
-        train={"steps": STEPS, "prompts_per_step": 2, "fused": fused, "seed": 3},
+        train={"steps": STEPS, "prompts_per_step": 2, "fused": fused, "seed": 4},
         sampling={"num_samples": 8, "max_new_tokens": 8},
         optim={"learning_rate": 1e-2, "warmup_steps": 1},
         grpo={"beta": 0.01},

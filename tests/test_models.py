@@ -12,9 +12,10 @@ import torch
 import transformers
 from tiny_hf import FAMILIES, hf_logits, left_padded_batch, tiny_model
 
+from cme_jax.models import decode_layout
 from cme_jax.models.logprobs import chunk_length, token_logprobs, token_stats
 from cme_jax.models.sharding import make_mesh, weight_shardings
-from cme_jax.models.transformer import default_positions, forward, init_cache
+from cme_jax.models.transformer import default_positions, forward, init_cache, logits_from_hidden
 from cme_jax.models.weights import save_hf_checkpoint
 from cme_jax.sources import load_model
 
@@ -57,6 +58,24 @@ def test_kv_cache_decode_equals_full_forward(family):
         steps.append(np.asarray(logits))
     assert int(cache.length) == 12
     np.testing.assert_allclose(np.concatenate(steps, axis=1)[mask], np.asarray(full)[mask], atol=2e-5, rtol=0)
+
+
+def test_decode_layouts_equal_the_stacked_forward(family):
+    """Per-layer and fused weights, run unrolled with per-layer cache buffers, give the stacked model's logits."""
+    _name, _, m = family
+    toks, mask = left_padded_batch(m.cfg.vocab_size, LENGTHS, 12, seed=6)
+    pos = default_positions(jnp.asarray(mask))
+    full, _ = forward(m.weights, m.cfg, jnp.asarray(toks), pos, jnp.asarray(mask))
+    for layout in ("per_layer", "fused"):
+        weights = decode_layout.to_layout(m.weights, m.cfg, layout)
+        cache = decode_layout.split_cache(init_cache(m.cfg, len(LENGTHS), 16))
+        steps = []
+        for a, b in [(0, 7), *((t, t + 1) for t in range(7, 12))]:
+            args = (toks[:, a:b], pos[:, a:b], mask[:, a:b], cache)
+            h, cache = decode_layout.forward_unrolled(weights, m.cfg, layout, *args)
+            steps.append(np.asarray(logits_from_hidden(weights, m.cfg, h)))
+        got = np.concatenate(steps, axis=1)[mask]
+        np.testing.assert_allclose(got, np.asarray(full)[mask], atol=2e-5, rtol=0, err_msg=layout)
 
 
 def test_token_logprobs_equal_log_softmax_gather(family):

@@ -291,7 +291,7 @@ def test_stop_tokens_end_rows_independently(tiny, layout):
     assert len(set(ends)) >= 3 and N in ends
     assert decode_responses(m.tokenizer, ro)[0] == m.tokenizer.decode(response_token_lists(ro)[0])
     # A decode copy of the weights built once (as `generate` passes it) gives the same rollout.
-    prepared = prepare_decode(m.weights, layout)
+    prepared = prepare_decode(m.weights, m.cfg, layout)
     assert (prepared is None) == (layout == "stacked")
     again = sample_jit(m.weights, m.cfg, toks, mask, jax.random.key(0), greedy, stops, 0, decode_weights=prepared)
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(ro.tokens))
@@ -326,7 +326,7 @@ def test_sharded_greedy_equals_single_device(tiny, sizes, layout):
     weights = jax.device_put(m.weights, weight_shardings(m.cfg, mesh))
     rows = batch_sharding(mesh, 2)
     toks, mask = jax.device_put(toks, rows), jax.device_put(mask, rows)
-    many = sample_jit(weights, m.cfg, toks, mask, jax.random.key(0), scfg, stops, 0, layout, mesh)
+    many = sample_jit(weights, m.cfg, toks, mask, jax.random.key(0), scfg, stops, 0, layout)
     np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))
     np.testing.assert_array_equal(np.asarray(many.lengths), np.asarray(one.lengths))
     np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(one.logprobs), atol=1e-5)

@@ -31,7 +31,10 @@ def write_tiny(path: Path, model_type: str, seed: int, vocab: int, sharpen: floa
     import torch
 
     tok = tiny_tokenizer(vocab)
-    model = tiny_model(model_type, seed=seed, vocab_size=len(tok), max_position_embeddings=512)
+    # As real checkpoints do, the model's vocabulary is padded past the tokenizer's to a multiple of 8, so that
+    # every test mesh's tensor axis splits it.
+    padded = -(-len(tok) // 8) * 8
+    model = tiny_model(model_type, seed=seed, vocab_size=padded, max_position_embeddings=512)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(sharpen)
     model.save_pretrained(path)

@@ -9,10 +9,9 @@ from cme_jax.models.transformer import (
     Array,
     ModelConfig,
     Weights,
-    _softcap,
     default_positions,
     forward_hidden,
-    lm_head,
+    logits_from_hidden,
 )
 
 # Elements of one [B, c, V] float32 logits chunk; 2**24 floats is 64 MiB.
@@ -57,14 +56,12 @@ def hidden_token_stats(
     (H(p)) and `mean_logp` (mean over the vocabulary of log p, for self-certainty).
     """
     B, M, _ = h_BxMxD.shape
-    head_VxD = lm_head(weights)
     inv_temp = 1.0 / jnp.asarray(temperature, jnp.float32)
 
     # Recomputing each chunk's logits in the backward pass keeps gradient memory at one chunk too.
     @jax.checkpoint
     def chunk(h_BxcxD, tgt_Bxc):
-        logits = jnp.einsum("bcd,vd->bcv", h_BxcxD, head_VxD, preferred_element_type=jnp.float32)
-        logits = _softcap(logits, cfg.final_softcap) * inv_temp
+        logits = logits_from_hidden(weights, cfg, h_BxcxD) * inv_temp
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt_Bxc[..., None], axis=-1)[..., 0]
         out = {"logp": picked - lse}
@@ -159,15 +156,9 @@ def token_kl(
     positions = default_positions(mask_BxT)
     models = [weights_p] if weights_q is None else [weights_p, weights_q]
     hidden = tuple(forward_hidden(w, cfg, tokens_BxT, positions, mask_BxT)[0][:, start - 1 : -1] for w in models)
-    heads = [lm_head(w) for w in models]
 
     def chunk(*h_BxcxD):
-        logs = [
-            jax.nn.log_softmax(
-                _softcap(jnp.einsum("bcd,vd->bcv", h, head, preferred_element_type=jnp.float32), cfg.final_softcap)
-            )
-            for h, head in zip(h_BxcxD, heads)
-        ]
+        logs = [jax.nn.log_softmax(logits_from_hidden(w, cfg, h)) for w, h in zip(models, h_BxcxD)]
         p = jnp.exp(logs[0])
         out = {"entropy": -jnp.sum(p * logs[0], axis=-1)}
         if len(logs) == 2:

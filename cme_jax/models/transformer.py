@@ -1,20 +1,28 @@
-"""One decoder-only transformer, written as pure functions over a weights pytree.
+"""One decoder-only transformer as pure functions over a weights pytree, in reading order: config, weights (and
+`abstract`, their shapes, dtypes and logical axes), KV cache, layer functions, forward.
 
 Config flags cover Llama 3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3 and OLMo 2; per-family code lives in
-`families.py` and only translates configs and weight names.
+`families.py` and only translates configs and weight names. Layers are stacked on a leading axis and run as one
+`lax.scan`; the per-layer layouts the sampler decodes with live in `decode_layout.py`. Arrays are placed by the
+logical axes they carry (`sharding.py`) on the mesh their weights live on.
+
+Einsum letters: b batch, t query positions, s key slots, d embed, n query heads, k K/V heads, g query heads per
+K/V head, h head dim, f MLP hidden, v vocabulary, o and i a matrix's output and input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from cme_jax.models.sharding import ParamSpec, constrain, is_spec, mesh_of
 
 Array = jax.Array
 NormPlacement = Literal["pre", "sandwich", "post"]
@@ -26,6 +34,17 @@ Remat = Literal["none", "full", "dots"]
 
 # Masked attention scores use a large finite value so fully padded query rows stay finite.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# Logical axes of the activations (see `sharding.RULES`).
+X_AXES = ("batch", "sequence", "embed")
+Q_AXES = ("batch", "sequence", "heads", "head_dim")
+KV_AXES = ("batch", "sequence", "kv_heads", "head_dim")
+MLP_AXES = ("batch", "sequence", "mlp")
+LOGITS_AXES = ("batch", "sequence", "vocab")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +98,11 @@ class ModelConfig:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
     def num_params(self) -> int:
-        return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract(self), is_leaf=_is_spec))
+        return sum(math.prod(p.shape) for p in jax.tree.leaves(abstract(self), is_leaf=is_spec))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights
 
 
 @struct.dataclass
@@ -107,35 +130,12 @@ class LayerWeights:
 @struct.dataclass
 class Weights:
     embed: Any  # [V, D]
-    layers: LayerWeights
+    layers: Any  # LayerWeights; a tuple of L per-layer blocks in the decode layouts (see `decode_layout`)
     final_norm: Any  # [D]
     lm_head: Any = None  # [V, D]; None when tied to embed
 
 
-@struct.dataclass
-class KVCache:
-    """Keys and values for every layer plus per-slot bookkeeping shared by all layers."""
-
-    k: Any  # [L, B, K, H, S] (see `attend`), or a tuple of L [B, K, H, S] buffers (see `split_cache`)
-    v: Any  # [L, B, K, S, H], or a tuple of L [B, K, S, H] buffers
-    valid: Array  # [B, S] bool, slot holds a real token
-    pos: Array  # [B, S] int32 rotary position of the token in the slot
-    length: Array  # [] int32, slots written so far (same for every row)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """Shape and logical axis names of one weight; the leaves of `abstract(cfg)`."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-
-
-def _is_spec(x: Any) -> bool:
-    return isinstance(x, ParamSpec)
-
-
-def abstract(cfg: ModelConfig) -> Weights:
+def abstract(cfg: ModelConfig, dtype: Any = jnp.float32) -> Weights:
     """Weights pytree of ParamSpec leaves: one description for init, sharding and restore."""
     L, D, N, K, H, F, V = (
         cfg.num_layers,
@@ -146,57 +146,106 @@ def abstract(cfg: ModelConfig) -> Weights:
         cfg.mlp_dim,
         cfg.vocab_size,
     )
-    norm = ParamSpec((L, D), ("layers", "norm"))
+    spec = lambda shape, *axes: ParamSpec(shape, axes, dtype)
+    norm = spec((L, D), "layers", "norm")
     pre = cfg.norm_placement in ("pre", "sandwich")
     post = cfg.norm_placement in ("sandwich", "post")
     if cfg.qk_norm == "head":
-        qn, kn = ParamSpec((L, H), ("layers", "norm")), ParamSpec((L, H), ("layers", "norm"))
+        qn, kn = spec((L, H), "layers", "norm"), spec((L, H), "layers", "norm")
     elif cfg.qk_norm == "full":
-        qn, kn = ParamSpec((L, N * H), ("layers", "norm")), ParamSpec((L, K * H), ("layers", "norm"))
+        qn, kn = spec((L, N * H), "layers", "norm"), spec((L, K * H), "layers", "norm")
     else:
         qn = kn = None
     layers = LayerWeights(
-        wq=ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
-        wk=ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        wv=ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
-        wo=ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
-        w_gate=ParamSpec((L, D, F), ("layers", "embed", "mlp")),
-        w_up=ParamSpec((L, D, F), ("layers", "embed", "mlp")),
-        w_down=ParamSpec((L, F, D), ("layers", "mlp", "embed")),
+        wq=spec((L, D, N, H), "layers", "embed", "heads", "head_dim"),
+        wk=spec((L, D, K, H), "layers", "embed", "kv_heads", "head_dim"),
+        wv=spec((L, D, K, H), "layers", "embed", "kv_heads", "head_dim"),
+        wo=spec((L, N, H, D), "layers", "heads", "head_dim", "embed"),
+        w_gate=spec((L, D, F), "layers", "embed", "mlp"),
+        w_up=spec((L, D, F), "layers", "embed", "mlp"),
+        w_down=spec((L, F, D), "layers", "mlp", "embed"),
         attn_in_norm=norm if pre else None,
         attn_out_norm=norm if post else None,
         mlp_in_norm=norm if pre else None,
         mlp_out_norm=norm if post else None,
         q_norm=qn,
         k_norm=kn,
-        bq=ParamSpec((L, N, H), ("layers", "heads", "head_dim")) if cfg.qkv_bias else None,
-        bk=ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim")) if cfg.qkv_bias else None,
-        bv=ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim")) if cfg.qkv_bias else None,
+        bq=spec((L, N, H), "layers", "heads", "head_dim") if cfg.qkv_bias else None,
+        bk=spec((L, K, H), "layers", "kv_heads", "head_dim") if cfg.qkv_bias else None,
+        bv=spec((L, K, H), "layers", "kv_heads", "head_dim") if cfg.qkv_bias else None,
     )
     return Weights(
-        embed=ParamSpec((V, D), ("vocab", "embed")),
+        embed=spec((V, D), "vocab", "embed"),
         layers=layers,
-        final_norm=ParamSpec((D,), ("norm",)),
-        lm_head=None if cfg.tie_embeddings else ParamSpec((V, D), ("vocab", "embed")),
+        final_norm=spec((D,), "norm"),
+        lm_head=None if cfg.tie_embeddings else spec((V, D), "vocab", "embed"),
     )
 
 
 def init_weights(cfg: ModelConfig, key: Array, dtype: Any = jnp.float32, std: float = 0.02) -> Weights:
     """Random weights (normal matrices, unit norm scales) for tests and benchmarks."""
-    specs, treedef = jax.tree.flatten(abstract(cfg), is_leaf=_is_spec)
+    specs, treedef = jax.tree.flatten(abstract(cfg, dtype), is_leaf=is_spec)
     keys = jax.random.split(key, len(specs))
     leaves = []
     for spec, k in zip(specs, keys):
         if spec.axes[-1] == "norm":
             base = 0.0 if cfg.norm_plus_one else 1.0
-            leaves.append((base + 0.1 * jax.random.normal(k, spec.shape)).astype(dtype))
+            leaves.append((base + 0.1 * jax.random.normal(k, spec.shape)).astype(spec.dtype))
         else:
-            leaves.append((std * jax.random.normal(k, spec.shape)).astype(dtype))
+            leaves.append((std * jax.random.normal(k, spec.shape)).astype(spec.dtype))
     return jax.tree.unflatten(treedef, leaves)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building blocks
+# KV cache
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values for every layer plus per-slot bookkeeping shared by all layers."""
+
+    k: Any  # [L, B, K, H, S] head-dim-major (see `attend`); a tuple of L [B, K, H, S] per-layer buffers
+    v: Any  # [L, B, K, S, H] slot-major; or a tuple of L [B, K, S, H] (see `decode_layout.split_cache`)
+    valid: Array  # [B, S] bool, slot holds a real token
+    pos: Array  # [B, S] int32 rotary position of the token in the slot
+    length: Array  # [] int32, slots written so far (same for every row)
+
+
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_sequence")
+V_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_sequence", "head_dim")
+SLOT_AXES = ("batch", "cache_sequence")
+
+
+def cache_abstract(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    """KVCache of ParamSpec leaves: a stacked cache with room for `length` tokens per row."""
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    return KVCache(
+        k=ParamSpec((L, batch, K, H, length), K_CACHE_AXES, dtype),
+        v=ParamSpec((L, batch, K, length, H), V_CACHE_AXES, dtype),
+        valid=ParamSpec((batch, length), SLOT_AXES, jnp.bool_),
+        pos=ParamSpec((batch, length), SLOT_AXES, jnp.int32),
+        length=ParamSpec((), (), jnp.int32),
+    )
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache with room for `length` tokens per row."""
+    specs = cache_abstract(cfg, batch, length, dtype)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs, is_leaf=is_spec)
+
+
+def constrain_cache(cache: KVCache, mesh: Any) -> KVCache:
+    """A stacked cache placed by the rules on `mesh`: rows over the batch axes, K/V heads over tensor."""
+    return cache.replace(
+        k=constrain(cache.k, K_CACHE_AXES, mesh),
+        v=constrain(cache.v, V_CACHE_AXES, mesh),
+        valid=constrain(cache.valid, SLOT_AXES, mesh),
+        pos=constrain(cache.pos, SLOT_AXES, mesh),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer functions
 
 
 def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
@@ -250,8 +299,12 @@ def _activation(cfg: ModelConfig, x: Array) -> Array:
     return jax.nn.silu(x)
 
 
-def _softcap(x: Array, cap: float | None) -> Array:
+def softcap(x: Array, cap: float | None) -> Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _norm(cfg: ModelConfig, x: Array, w: Array | None) -> Array:
+    return x if w is None else rms_norm(x, w, cfg.norm_eps, cfg.norm_plus_one)
 
 
 def attention_mask(
@@ -278,46 +331,39 @@ def attend(cfg: ModelConfig, q_BxTxNxH: Array, k_BxKxHxS: Array, v_BxKxSxH: Arra
     K = k_BxKxHxS.shape[1]
     q = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     scores = jnp.einsum("bkgth,bkhs->bkgts", q, k_BxKxHxS, preferred_element_type=jnp.float32)
-    scores = _softcap(scores * cfg.scale, cfg.attn_softcap)
+    scores = softcap(scores * cfg.scale, cfg.attn_softcap)
     scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-# Above this many rows (tokens x batch) the out-major product's transposed result costs its consumers more than
-# the orientation saves in the matmul (measured on a 2-core x86 CPU: 48 rows break even, 64 run 1.25x faster).
-_OUT_MAJOR_MAX_ROWS = 48
+@dataclasses.dataclass(frozen=True)
+class Projections:
+    """How a layer applies its matrices: `EINSUM` for LayerWeights, `decode_layout.FUSED` for fused blocks."""
+
+    qkv: Callable[[ModelConfig, Any, Array], tuple[Array, Array, Array]]  # h [B,T,D] -> q [B,T,N,H], k, v [B,T,K,H]
+    out: Callable[[Any, Array], Array]  # attention [B, T, N, H] -> [B, T, D]
+    gate_up: Callable[[Any, Array], tuple[Array, Array]]  # h [B, T, D] -> gate, up [B, T, F]
+    down: Callable[[Any, Array], Array]  # [B, T, F] -> [B, T, D]
 
 
-def _linear(x: Array, w: Array, spec: str, out_major: bool) -> Array:
-    """`einsum(spec, x, w)`; with out_major, w holds the same matrix as [*out, *in] (see `decode_layout`)."""
-    if not out_major:
-        return jnp.einsum(spec, x, w)
-    n_in = len(spec.split(",")[0]) - 2  # every spec here is "bt<in>,...": the input axes follow b and t
-    lead, in_shape = x.shape[:2], x.shape[2:]
-    out_shape = w.shape[: w.ndim - n_in]
-    w_OxI, x_MxI = w.reshape(-1, math.prod(in_shape)), x.reshape(-1, math.prod(in_shape))
-    if x_MxI.shape[0] > _OUT_MAJOR_MAX_ROWS:
-        return jnp.einsum("oi,mi->mo", w_OxI, x_MxI).reshape(*lead, *out_shape)
-    # With few rows XLA's CPU matmul runs this orientation fastest; the barrier keeps the transpose from being
-    # folded back into the product. With more rows the transposed reads in the consumers cost more than it saves.
-    y_OxM = jnp.einsum("oi,mi->om", w_OxI, x_MxI)
-    return jax.lax.optimization_barrier(y_OxM).T.reshape(*lead, *out_shape)
+def _qkv_einsum(cfg: ModelConfig, lw: LayerWeights, h_BxTxD: Array) -> tuple[Array, Array, Array]:
+    q = jnp.einsum("btd,dnh->btnh", h_BxTxD, lw.wq)
+    k = jnp.einsum("btd,dkh->btkh", h_BxTxD, lw.wk)
+    v = jnp.einsum("btd,dkh->btkh", h_BxTxD, lw.wv)
+    return q, k, v
 
 
-def _qkv(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array, out_major: bool = False) -> tuple[Array, Array, Array]:
-    if lw.wk is None:  # `decode_layout` on CPUs: one output-major [(N + 2K) * H, D] matrix
-        B, T, _ = x_BxTxD.shape
-        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = _linear(x_BxTxD, lw.wq, "btd,do->bto", out_major=True)
-        q = qkv[..., : N * H].reshape(B, T, N, H)
-        k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
-        v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
-    else:
-        q = _linear(x_BxTxD, lw.wq, "btd,dnh->btnh", out_major)
-        k = _linear(x_BxTxD, lw.wk, "btd,dkh->btkh", out_major)
-        v = _linear(x_BxTxD, lw.wv, "btd,dkh->btkh", out_major)
+EINSUM = Projections(
+    qkv=_qkv_einsum,
+    out=lambda lw, a_BxTxNxH: jnp.einsum("btnh,nhd->btd", a_BxTxNxH, lw.wo),
+    gate_up=lambda lw, h: (jnp.einsum("btd,df->btf", h, lw.w_gate), jnp.einsum("btd,df->btf", h, lw.w_up)),
+    down=lambda lw, y_BxTxF: jnp.einsum("btf,fd->btd", y_BxTxF, lw.w_down),
+)
+
+
+def _qk_bias_and_norm(cfg: ModelConfig, lw: Any, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
     if cfg.qkv_bias:
         q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
     if cfg.qk_norm == "head":
@@ -330,41 +376,36 @@ def _qkv(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array, out_major: bool = F
     return q, k, v
 
 
-def _norm(cfg: ModelConfig, x: Array, w: Array | None) -> Array:
-    return x if w is None else rms_norm(x, w, cfg.norm_eps, cfg.norm_plus_one)
-
-
-def _mlp(cfg: ModelConfig, lw: LayerWeights, x_BxTxD: Array, out_major: bool = False) -> Array:
-    if lw.w_up is None:  # `decode_layout` on CPUs: gate and up stacked into one output-major [2F, D] matrix
-        gate, up = jnp.split(_linear(x_BxTxD, lw.w_gate, "btd,df->btf", out_major=True), 2, axis=-1)
-    else:
-        gate = _linear(x_BxTxD, lw.w_gate, "btd,df->btf", out_major)
-        up = _linear(x_BxTxD, lw.w_up, "btd,df->btf", out_major)
-    return _linear(_activation(cfg, gate) * up, lw.w_down, "btf,fd->btd", out_major)
-
-
-def _layer(
+def layer(
     cfg: ModelConfig,
-    lw: LayerWeights,
-    x: Array,
+    lw: Any,
+    x_BxTxD: Array,
     rope: tuple[Array, Array],
     mask_BxTxS: Array,
     keys_values: Callable[[Array, Array], tuple[Array, Array]],
-    out_major: bool = False,
+    mesh: Any,
+    proj: Projections = EINSUM,
 ) -> Array:
-    """One decoder block; `keys_values` takes this step's keys [B, K, H, T] and values [B, K, T, H] (writing them
-    to a cache when there is one) and returns the keys and values to attend to."""
-    h = _norm(cfg, x, lw.attn_in_norm)
-    q, k, v = _qkv(cfg, lw, h, out_major)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    """One decoder block of one layer's weights `lw`.
+
+    `keys_values` takes this step's keys [B, K, H, T] and values [B, K, T, H] (writing them to a cache when there
+    is one) and returns the keys and values to attend to.
+    """
+    h = _norm(cfg, x_BxTxD, lw.attn_in_norm)
+    q, k, v = _qk_bias_and_norm(cfg, lw, *proj.qkv(cfg, lw, h))
+    q = constrain(apply_rope(q, *rope), Q_AXES, mesh)
+    k = constrain(apply_rope(k, *rope), KV_AXES, mesh)
+    v = constrain(v, KV_AXES, mesh)
     k_all, v_all = keys_values(k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))  # [B, K, H, T], [B, K, T, H]
     # Under differentiation the [B, N, T, S] scores and probabilities are recomputed in the backward pass rather
     # than saved for every layer (64 rows x 384 tokens of a 24-layer model would keep over 30 GiB of them).
     a = jax.checkpoint(lambda *qkvm: attend(cfg, *qkvm))(q, k_all, v_all, mask_BxTxS)
-    a = _linear(a, lw.wo, "btnh,nhd->btd", out_major)
-    x = x + _norm(cfg, a, lw.attn_out_norm)
+    a = constrain(a, Q_AXES, mesh)
+    x = constrain(x_BxTxD + _norm(cfg, proj.out(lw, a), lw.attn_out_norm), X_AXES, mesh)
     h = _norm(cfg, x, lw.mlp_in_norm)
-    return x + _norm(cfg, _mlp(cfg, lw, h, out_major), lw.mlp_out_norm)
+    gate, up = proj.gate_up(lw, h)
+    y = constrain(_activation(cfg, gate) * up, MLP_AXES, mesh)
+    return constrain(x + _norm(cfg, proj.down(lw, y), lw.mlp_out_norm), X_AXES, mesh)
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -384,23 +425,56 @@ def default_positions(mask_BxT: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty cache with room for `length` tokens per row."""
-    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    return KVCache(
-        k=jnp.zeros((L, batch, K, H, length), dtype),
-        v=jnp.zeros((L, batch, K, length, H), dtype),
-        valid=jnp.zeros((batch, length), bool),
-        pos=jnp.zeros((batch, length), jnp.int32),
-        length=jnp.zeros((), jnp.int32),
-    )
-
-
 def embed_tokens(cfg: ModelConfig, weights: Weights, tokens_BxT: Array) -> Array:
     x = jnp.take(weights.embed, tokens_BxT, axis=0)
     if cfg.embed_scale:
         x = x * jnp.asarray(math.sqrt(cfg.dim), jnp.float32).astype(x.dtype)
     return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What each layer reads besides its weights: rotary tables and attention masks by layer kind, and the key
+    slots' validity and positions once this call's tokens are written."""
+
+    rope: Mapping[LayerKind, tuple[Array, Array]]  # cos, sin [B, T, H]
+    mask: Mapping[LayerKind, Array]  # [B, T, S]
+    k_valid_BxS: Array
+    k_pos_BxS: Array
+
+
+def layer_inputs(cfg: ModelConfig, positions_BxT: Array, mask_BxT: Array, cache: KVCache | None) -> LayerInputs:
+    """Rotary tables and masks for the layer kinds the model has (a kind it lacks shares the other's)."""
+    T = positions_BxT.shape[1]
+    kinds = set(cfg.kinds)
+    window = cfg.sliding_window
+    rope_full = rope_tables(cfg.rope, cfg.head_dim, positions_BxT)
+    rope_local = rope_full
+    if cfg.rope_local is not None and "sliding" in kinds:
+        rope_local = rope_tables(cfg.rope_local, cfg.head_dim, positions_BxT)
+    if cache is None:
+        q_slot = jnp.arange(T)
+        k_valid, k_pos = mask_BxT, positions_BxT
+    else:
+        start = cache.length
+        q_slot = start + jnp.arange(T)
+        k_valid = jax.lax.dynamic_update_slice(cache.valid, mask_BxT, (0, start))
+        k_pos = jax.lax.dynamic_update_slice(cache.pos, positions_BxT.astype(jnp.int32), (0, start))
+    full = attention_mask(q_slot, positions_BxT, k_valid, k_pos, None) if "full" in kinds or not window else None
+    local = attention_mask(q_slot, positions_BxT, k_valid, k_pos, window) if "sliding" in kinds and window else None
+    full = local if full is None else full
+    local = full if local is None else local
+    return LayerInputs({"full": rope_full, "sliding": rope_local}, {"full": full, "sliding": local}, k_valid, k_pos)
+
+
+def finish(
+    cfg: ModelConfig, weights: Weights, x: Array, cache: KVCache | None, inputs: LayerInputs, k: Any, v: Any, mesh: Any
+) -> tuple[Array, KVCache | None]:
+    """The final norm, and the cache holding the layers' keys `k` and values `v` (None without a cache)."""
+    x = constrain(_norm(cfg, x, weights.final_norm), X_AXES, mesh)
+    if cache is None:
+        return x, None
+    return x, KVCache(k=k, v=v, valid=inputs.k_valid_BxS, pos=inputs.k_pos_BxS, length=cache.length + x.shape[1])
 
 
 def forward_hidden(
@@ -411,159 +485,48 @@ def forward_hidden(
     mask_BxT: Array,
     cache: KVCache | None = None,
 ) -> tuple[Array, KVCache | None]:
-    """Final-normed hidden states [B, T, D]; with a cache, the T tokens are appended at cache.length.
-
-    Stacked weights run the layers as a scan; `decode_layout` weights (a tuple of layers) run them unrolled.
-    """
-    T = tokens_BxT.shape[1]
+    """Final-normed hidden states [B, T, D] of stacked weights, the layers run as a scan; with a (stacked) cache,
+    the T tokens are appended at cache.length."""
+    mesh = mesh_of(weights.embed)
     mask_BxT = mask_BxT.astype(bool)
-    x = embed_tokens(cfg, weights, tokens_BxT)
+    x = constrain(embed_tokens(cfg, weights, tokens_BxT), X_AXES, mesh)
     dtype = x.dtype
-
+    inputs = layer_inputs(cfg, positions_BxT, mask_BxT, cache)
     kinds = set(cfg.kinds)
-    mixed = len(kinds) > 1  # only then does each layer pick its rope table and mask at run time
-    window = cfg.sliding_window
-    cos_g, sin_g = rope_tables(cfg.rope, cfg.head_dim, positions_BxT)
-    if cfg.rope_local is not None and "sliding" in kinds:
-        cos_l, sin_l = rope_tables(cfg.rope_local, cfg.head_dim, positions_BxT)
-    else:
-        cos_l, sin_l = cos_g, sin_g
 
-    if cache is None:
-        q_slot = jnp.arange(T)
-        k_valid, k_pos = mask_BxT, positions_BxT
-    else:
-        start = cache.length
-        q_slot = start + jnp.arange(T)
-        k_valid = jax.lax.dynamic_update_slice(cache.valid, mask_BxT, (0, start))
-        k_pos = jax.lax.dynamic_update_slice(cache.pos, positions_BxT.astype(jnp.int32), (0, start))
-    full_mask = attention_mask(q_slot, positions_BxT, k_valid, k_pos, None) if "full" in kinds or not window else None
-    local_mask = (
-        attention_mask(q_slot, positions_BxT, k_valid, k_pos, window) if "sliding" in kinds and window else None
-    )
-    full_mask = local_mask if full_mask is None else full_mask
-    local_mask = full_mask if local_mask is None else local_mask
+    def pick(sliding: Array, by_kind: Mapping[LayerKind, Any]) -> Any:
+        if len(kinds) == 1:  # only a model with both kinds picks at run time
+            return by_kind["sliding" if kinds == {"sliding"} else "full"]
+        return jax.tree.map(lambda local, full: jnp.where(sliding, local, full), by_kind["sliding"], by_kind["full"])
 
-    def pick(sliding, local, full):
-        if not mixed:
-            return local if kinds == {"sliding"} else full
-        return jnp.where(sliding, local, full)
+    def layer_step(carry, xs):
+        x, kc, vc = carry
+        lw, idx, sliding = xs
+        written = []
 
-    if isinstance(weights.layers, tuple):
-        x, new_kv = _unrolled_layers(
-            cfg, weights.layers, x, cache, (cos_g, sin_g), (cos_l, sin_l), full_mask, local_mask
-        )
-    else:
-
-        def layer(carry, xs):
-            x, kc, vc = carry
-            lw, idx, sliding = xs
-            written = []
-
-            def keys_values(k, v):
-                if kc is None:
-                    return k, v
-                # The new entries go into the loop-carried cache in place, and separately into this layer's
-                # slice read before the write; when they fill the slice (a prefill) XLA skips the read entirely.
-                k_at, v_at = (0, 0, 0, cache.length), (0, 0, cache.length, 0)
-                written.append(jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (idx, *k_at)))
-                written.append(jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (idx, *v_at)))
-                k_all = jax.lax.dynamic_update_slice(kc[idx], k.astype(kc.dtype), k_at)
-                v_all = jax.lax.dynamic_update_slice(vc[idx], v.astype(vc.dtype), v_at)
-                return k_all.astype(dtype), v_all.astype(dtype)
-
-            rope = (pick(sliding, cos_l, cos_g), pick(sliding, sin_l, sin_g))
-            x = _layer(cfg, lw, x, rope, pick(sliding, local_mask, full_mask), keys_values)
-            return (x, *(written or (kc, vc))), None
-
-        kc0 = None if cache is None else cache.k
-        vc0 = None if cache is None else cache.v
-        if isinstance(kc0, tuple):
-            raise ValueError("a per-layer cache needs per-layer weights (see decode_layout)")
-        sliding_L = jnp.asarray([k == "sliding" for k in cfg.kinds])
-        xs = (weights.layers, jnp.arange(cfg.num_layers), sliding_L)
-        with jax.named_scope("layers"):
-            (x, kc, vc), _ = jax.lax.scan(_remat(cfg, layer), (x, kc0, vc0), xs)
-        new_kv = (kc, vc)
-    x = _norm(cfg, x, weights.final_norm)
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=k_valid, pos=k_pos, length=cache.length + T)
-    return x, new_cache
-
-
-def _unrolled_layers(
-    cfg: ModelConfig,
-    layers: tuple[LayerWeights, ...],
-    x: Array,
-    cache: KVCache | None,
-    rope_global: tuple[Array, Array],
-    rope_local: tuple[Array, Array],
-    full_mask: Array,
-    local_mask: Array,
-) -> tuple[Array, tuple[Any, Any]]:
-    """The layers of `decode_layout` weights one after another, with a per-layer cache (no stacked slices)."""
-    if cache is not None and not isinstance(cache.k, tuple):
-        cache = split_cache(cache)
-    ks = None if cache is None else list(cache.k)
-    vs = None if cache is None else list(cache.v)
-    for i, (lw, kind) in enumerate(zip(layers, cfg.kinds)):
-
-        def keys_values(k, v, i=i):
-            if ks is None:
+        def keys_values(k, v):
+            if kc is None:
                 return k, v
-            ks[i] = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, 0, cache.length))
-            vs[i] = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, cache.length, 0))
-            return ks[i].astype(k.dtype), vs[i].astype(v.dtype)
+            # The new entries go into the loop-carried cache in place, and separately into this layer's
+            # slice read before the write; when they fill the slice (a prefill) XLA skips the read entirely.
+            k_at, v_at = (0, 0, 0, cache.length), (0, 0, cache.length, 0)
+            written.append(jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (idx, *k_at)))
+            written.append(jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (idx, *v_at)))
+            k_all = jax.lax.dynamic_update_slice(kc[idx], k.astype(kc.dtype), k_at)
+            v_all = jax.lax.dynamic_update_slice(vc[idx], v.astype(vc.dtype), v_at)
+            return k_all.astype(dtype), v_all.astype(dtype)
 
-        sliding = kind == "sliding"
-        rope = rope_local if sliding else rope_global
-        x = _layer(cfg, lw, x, rope, local_mask if sliding else full_mask, keys_values, out_major=_out_major())
-    return x, (None, None) if ks is None else (tuple(ks), tuple(vs))
+        x = layer(cfg, lw, x, pick(sliding, inputs.rope), pick(sliding, inputs.mask), keys_values, mesh)
+        return (x, *(written or (kc, vc))), None
 
-
-def _out_major() -> bool:
-    """Whether `decode_layout` stores matrices output-major: on CPUs, where XLA's few-row matmul streams that
-    orientation fastest; accelerators' matmuls take either orientation at full speed."""
-    return jax.default_backend() == "cpu"
-
-
-def decode_layout(weights: Weights) -> Weights:
-    """The same weights as a tuple of per-layer blocks, for decoding a few rows at a time.
-
-    `forward_hidden` runs these layers unrolled and reads each matrix in place, where a scan over stacked layers
-    copies every layer's slice out on every step (as XLA does on CPUs and GPUs). On CPUs the matrices are also
-    stored output-major ([*out, *in]), which XLA's matmul streams faster with few rows, with q, k and v stacked
-    into `wq` and gate and up into `w_gate` (fewer, larger products; `wk`, `wv` and `w_up` are then None).
-    Costs one copy of the layer weights.
-    """
-    L = weights.layers.wq.shape[0]
-    transpose = _out_major()
-
-    def one(i: int) -> LayerWeights:
-        lw = jax.tree.map(lambda a: a[i], weights.layers)
-        if not transpose:
-            return lw
-        out_in = lambda w: w.reshape(w.shape[0], -1).T  # [D, *out] -> [prod(out), D]
-        return lw.replace(
-            wq=jnp.concatenate([out_in(lw.wq), out_in(lw.wk), out_in(lw.wv)]),  # [(N + 2K) * H, D]
-            wk=None,
-            wv=None,
-            wo=lw.wo.transpose(2, 0, 1),  # [D, N, H]
-            w_gate=jnp.concatenate([lw.w_gate.T, lw.w_up.T]),  # [2F, D]
-            w_up=None,
-            w_down=lw.w_down.T,  # [D, F]
-        )
-
-    return weights.replace(layers=tuple(one(i) for i in range(L)))
-
-
-def split_cache(cache: KVCache) -> KVCache:
-    """The cache with per-layer key and value buffers (tuples of L arrays), as `decode_layout` weights use."""
-    if isinstance(cache.k, tuple):
-        return cache
-    L = cache.k.shape[0]
-    return cache.replace(k=tuple(cache.k[i] for i in range(L)), v=tuple(cache.v[i] for i in range(L)))
+    kc0 = None if cache is None else cache.k
+    vc0 = None if cache is None else cache.v
+    sliding_L = jnp.asarray([k == "sliding" for k in cfg.kinds])
+    xs = (weights.layers, jnp.arange(cfg.num_layers), sliding_L)
+    with jax.named_scope("layers"):
+        (x, kc, vc), _ = jax.lax.scan(_remat(cfg, layer_step), (x, kc0, vc0), xs)
+    x, new_cache = finish(cfg, weights, x, cache, inputs, kc, vc, mesh)
+    return x, None if new_cache is None else constrain_cache(new_cache, mesh)
 
 
 def lm_head(weights: Weights) -> Array:
@@ -574,7 +537,7 @@ def lm_head(weights: Weights) -> Array:
 def logits_from_hidden(weights: Weights, cfg: ModelConfig, h_BxTxD: Array) -> Array:
     """Float32 logits [B, T, V] with the final soft-cap applied."""
     logits = jnp.einsum("btd,vd->btv", h_BxTxD, lm_head(weights), preferred_element_type=jnp.float32)
-    return _softcap(logits, cfg.final_softcap)
+    return softcap(constrain(logits, LOGITS_AXES, mesh_of(weights.embed)), cfg.final_softcap)
 
 
 def forward(

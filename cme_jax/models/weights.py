@@ -15,7 +15,8 @@ import numpy as np
 
 from cme_jax.errors import CmeError
 from cme_jax.models.families import HFParam, detect_prefix, hf_param_map
-from cme_jax.models.transformer import ModelConfig, ParamSpec, Weights, _is_spec, abstract
+from cme_jax.models.sharding import ParamSpec, is_spec
+from cme_jax.models.transformer import ModelConfig, Weights, abstract
 
 
 class TensorStore(Protocol):
@@ -136,9 +137,9 @@ def load_weights(
     """
     prefix = detect_prefix(store.names()) if prefix is None else prefix
     hf_map = hf_param_map(cfg, prefix)
-    specs = abstract(cfg)
+    specs = abstract(cfg, dtype)
     npdtype = _np_dtype(dtype)
-    spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     map_leaves = treedef.flatten_up_to(hf_map)
     shard_leaves = [None] * len(spec_leaves) if shardings is None else treedef.flatten_up_to(shardings)
     out = []
