@@ -14,7 +14,8 @@ P the prompt bucket of data.max_prompt_tokens, n = sampling.max_new_tokens, T = 
     sampling   KV cache     2 L R_s K H b (S + S_prev) + 2 L B_s K H b P   (S = P + n; S_prev = the previous cache
                             stage, alive while the cache grows; the prompt cache before it is copied per sample)
                weights      the compute-dtype copy (when the master weights are float32 and compute is not) plus the
-                            per-layer decode copy of the layer weights (GPUs and CPUs; TPUs decode stacked layers)
+                            per-layer decode copy of the layer weights (GPUs and CPUs; TPUs decode stacked layers);
+                            with LoRA, one copy of the layers with the adapters merged; one gathered layer under fsdp
                decode tmp   12 V R_s (float32 logits, exponentials, filter of one step) + prefill of B_s prompts
     scoring    per verifier, a forward over one block of ~4096 tokens (scoring.DEFAULT_BLOCK_TOKENS):  fwd(rows, T_v)
     update     gradients    float32 trainable weights, twice with micro-batches (accumulator + current); the
@@ -420,15 +421,16 @@ def plan(cfg: TrainConfig, models: Models, devices: int, platform: Platform, bud
 
     # Sampling.
     copies, what = 0, []
-    if lora is not None:
-        copies += policy_bytes_compute
-        what.append(f"{compute} merged weights")
-    elif compute != "float32":
-        copies += policy_bytes_compute
-        what.append(f"{compute} compute copy")
-    if platform != "tpu":
+    if lora is not None:  # assumed: the adapters merged into one copy of the layers (per-layer layout off TPUs)
         copies += layer_bytes_compute
-        what.append("per-layer decode copy of the layers")
+        what.append(f"{compute} layers with the adapters merged")
+    else:
+        if compute != "float32":
+            copies += policy_bytes_compute
+            what.append(f"{compute} compute copy")
+        if platform != "tpu":
+            copies += layer_bytes_compute
+            what.append("per-layer decode copy of the layers")
     # With the weights sharded over fsdp, each layer's weights are gathered whole before they are used.
     layer_full = _count(layer_specs) // pc.num_layers if fsdp > 1 else 0
     if layer_full:
@@ -520,7 +522,7 @@ def _doublings(start: int, ok: Callable[[int], bool], limit: int = 64) -> list[i
 
 
 def candidate_changes(cfg: TrainConfig, devices: int) -> list[tuple[str, list[str]]]:
-    """Single changes in the order the planner tries them: more FSDP, remat, micro-batches, LoRA, fewer rows."""
+    """Single changes, least disruptive first: more FSDP, remat, micro-batches, fewer rows, LoRA."""
     data, fsdp, _ = check_mesh_fits(cfg, devices)
     t = cfg.train
     rows = t.prompts_per_step * cfg.sampling.num_samples
@@ -534,9 +536,6 @@ def candidate_changes(cfg: TrainConfig, devices: int) -> list[tuple[str, list[st
     per_update = rows // t.minibatches
     for k in _doublings(t.micro_batches, lambda k: per_update % k == 0 and per_update // k >= data):
         out.append((f"{k} micro-batches per update", [f"train.micro_batches={k}"]))
-    if cfg.model.lora is None:
-        lora = "model.lora={rank: 16, alpha: 32}"
-        out.append(("LoRA on a frozen base (planned only: LoRA training is not available yet)", [lora]))
     b = t.prompts_per_step
     while b > 1:
         b //= 2
@@ -544,6 +543,9 @@ def candidate_changes(cfg: TrainConfig, devices: int) -> list[tuple[str, list[st
         if b % (data * fsdp) or r % (t.minibatches * t.micro_batches):
             continue
         out.append((f"{b} prompts per step", [f"train.prompts_per_step={b}"]))
+    if cfg.model.lora is None:
+        lora = "model.lora={rank: 16, alpha: 32}"
+        out.append(("LoRA on a frozen base (planned only: LoRA training is not available yet)", [lora]))
     return out
 
 
@@ -626,18 +628,22 @@ def format_plan(p: Plan, title: str, fix: str | None = None) -> str:
 
 
 def summary(p: Plan) -> list[str]:
-    """Two short lines for a config's header and the trainer's log."""
-    parts = []
-    for line in p.lines:
-        if line.phase == "persistent":
-            parts.append(f"{PERSISTENT_SHORT.get(line.name, line.name)} {_gib(line.bytes)}")
+    """Three short lines (persistent state, phases, peak and verdict) for a config's header and the trainer's log."""
+    persistent = [
+        f"{PERSISTENT_SHORT.get(line.name, line.name)} {_gib(line.bytes)}"
+        for line in p.lines
+        if line.phase == "persistent"
+    ]
+    phases = []
     for phase in PHASES:
-        if p.total(phase):
-            biggest = max((line for line in p.lines if line.phase == phase), key=lambda line: line.bytes)
-            parts.append(f"{phase} {_gib(p.total(phase))} ({biggest.name} {_gib(biggest.bytes)})")
+        rows = [line for line in p.lines if line.phase == phase]
+        if rows:
+            biggest = max(rows, key=lambda line: line.bytes)
+            phases.append(f"{phase} {_gib(p.total(phase))} ({biggest.name} {_gib(biggest.bytes)})")
     return [
-        "GiB per device: " + ", ".join(parts),
-        f"peak {_gib(p.peak)} GiB ({p.peak_phase}): {verdict_text(p)}",
+        ", ".join(persistent) + " GiB;",
+        ", ".join(phases) + " GiB;",
+        f"peak {_gib(p.peak)} GiB in the {p.peak_phase} phase: {verdict_text(p)}",
     ]
 
 
@@ -667,7 +673,7 @@ def start_check(cfg: TrainConfig) -> str | None:
             f"are available ({budget.source}); first change that fits: {fix}; `python -m cme_jax.plan --config ...` "
             "shows the breakdown, train.device_memory=off skips this check"
         )
-    return f"memory plan: {summary(p)[1]}"
+    return f"memory plan per device: {summary(p)[-1]}"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 Prints, per device: the master weights, gradients, optimizer state, reference, each verifier, the KV cache at the
 configured rows and lengths and the update's activations under the configured remat policy (their formulas with
 this run's numbers), the peak against the device's memory, a verdict and the first change that would make it fit
-(more FSDP, remat, micro-batches, LoRA, fewer rows). Persistent state is exact (abstract shapes under the trainer's
+(more FSDP, remat, micro-batches, fewer rows, LoRA). Persistent state is exact (abstract shapes under the trainer's
 shardings); the transients are estimates (see cme_jax/memory.py). Only config.json files are read: from the Hub or
 its cache, or from `--model-configs DIR` (DIR/ORG/NAME/config.json) offline. `--platform` (default: this machine's)
 sets the dtypes ("auto" is bfloat16 on accelerators) and how JAX shares a GPU (75% unless
@@ -59,7 +59,11 @@ def header_lines(args: argparse.Namespace, p) -> list[str]:
     """The comment block a config carries: the command, then the plan's two summary lines."""
     from cme_jax import memory
 
-    return [f"{HEADER_BEGIN} ({command_line(args)}):", *(f"#   {line}" for line in memory.summary(p))]
+    return [
+        f"{HEADER_BEGIN} per device, from",
+        f"#   {command_line(args)}",
+        *(f"#   {line}" for line in memory.summary(p)),
+    ]
 
 
 def replace_header(text: str, block: Sequence[str]) -> str:
