@@ -29,7 +29,14 @@ P the prompt bucket of data.max_prompt_tokens, n = sampling.max_new_tokens, T = 
       s_recompute = 0 (none) | s_layer (full, dots: one layer is rematerialised at a time)
       fwd(rows, T) = 2 rows T D b + max(rows T b (N H + 2 K H + 3 F), 8 rows N T^2, 8 min(rows n V, 2^24))
     with R_s = rows per device while sampling (split over data x fsdp), r and R_u = rows per device of one
-    micro-batch and of the whole batch in the update (split over mesh.data only, see UPDATE_ROW_AXES).
+    micro-batch and of the whole batch in the update (split over mesh.data only, with D split over fsdp: see
+    UPDATE_ROW_AXES; two micro-batches count as one, see `activation_micro_batches`).
+
+Against XLA's memory analysis of the compiled sampling and update programs on 8 CPU devices in float32, the plan
+is 0.93x-1.13x on data-parallel meshes (remat none, full, dots; micro-batches) and 1.24x-1.50x for the update on
+fsdp meshes without micro-batches; the demo's planned peak is 4.42 GiB against 4.25 GiB measured
+(tests/test_memory.py). bfloat16 activations on accelerators are counted at b = 2 bytes, which the CPU cannot
+check (it computes bfloat16 in float32).
 """
 
 from __future__ import annotations
@@ -67,10 +74,10 @@ Verdict = Literal["fits", "tight", "does not fit", "unknown"]
 HEADROOM = 0.10
 # JAX preallocates this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
 JAX_GPU_FRACTION = 0.75
-# Mesh axes that split the update's rows. With the weights sharded over fsdp, XLA keeps every row of the update on
-# every fsdp device (XLA's memory analysis of the update on 8 CPU devices: fsdp=8 holds 4.3x the temporaries of
-# data=8 for the same batch), so only mesh.data divides its activations. The sampler constrains its rows to data
-# and fsdp, and they do split there.
+# Mesh axes that split the update's rows. With the weights sharded over fsdp and no constraint on the activations,
+# XLA splits the update's residual stream over fsdp along the model width and keeps every row on every fsdp device,
+# the MLP's full-width activations included (8 CPU devices, same batch: fsdp=8 holds 2.6x the update temporaries
+# of data=8). The sampler constrains its rows to data and fsdp, and they do split there.
 UPDATE_ROW_AXES = ("data",)
 GiB = 2**30
 
