@@ -190,13 +190,12 @@ def budget_from_size(size: str, platform: Platform, fraction: float | None = Non
         raise CmeError(f"memory fraction {frac} must be in (0, 1]")
     if frac == 1:
         return Budget(total, size)
-    why = (
-        "JAX's default share of a GPU"
-        if platform == "gpu" and fraction is None and not os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
-        else "XLA_PYTHON_CLIENT_MEM_FRACTION"
-        if fraction is None
-        else "--memory-fraction"
-    )
+    if fraction is not None:
+        why = "--memory-fraction"
+    elif os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        why = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+    else:
+        why = "JAX's default share of a GPU"
     return Budget(int(total * frac), f"{size} x {frac:g}, {why}")
 
 
@@ -216,13 +215,9 @@ def device_budget() -> Budget | None:
 # Exact persistent state
 
 
-def _itemsize(dtype: Any) -> int:
-    return dtype.itemsize
-
-
 def per_device_bytes(tree: Any, shardings: Any) -> int:
     """Bytes on the fullest device of a pytree of shapes (anything with .shape/.dtype) placed by `shardings`."""
-    sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * _itemsize(x.dtype), tree, shardings)
+    sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize, tree, shardings)
     return int(sum(jax.tree.leaves(sizes)))
 
 
@@ -594,7 +589,7 @@ PERSISTENT_SHORT = {"optimizer state": "optimizer", "frozen base": "base", "LoRA
 
 def verdict_text(p: Plan) -> str:
     if p.budget is None:
-        return "no verdict: the device memory is unknown (pass --device-memory)"
+        return "unknown: this backend does not report its memory (pass --device-memory)"
     share = f"{100 * p.peak / p.budget.bytes:.0f}% of {_gib(p.budget.bytes)} GiB ({p.budget.source})"
     if p.verdict == "fits":
         return f"fits: {share}"

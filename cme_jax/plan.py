@@ -1,7 +1,7 @@
 """How much memory a training run needs on each device, before any weight is downloaded.
 
     python -m cme_jax.plan --config configs/qwen2.5-7b-instruct_8gpu.yaml --platform gpu --devices 8 \\
-        --device-memory 80GB [key.sub=value ...]
+        --device-memory 80GB --memory-fraction 0.95 [key.sub=value ...]
 
 Prints, per device: the master weights, gradients, optimizer state, reference, each verifier, the KV cache at the
 configured rows and lengths and the update's activations under the configured remat policy (their formulas with
