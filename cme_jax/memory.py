@@ -208,7 +208,10 @@ def device_budget() -> Budget | None:
             limits.append(int(stats["bytes_limit"]))
     if not limits:
         return None
-    return Budget(min(limits), f"{jax.local_devices()[0].device_kind}: bytes_limit reported by JAX")
+    source = f"{jax.local_devices()[0].device_kind}: what JAX may allocate"
+    if local_platform() == "gpu" and not os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        source += f", {JAX_GPU_FRACTION:g} of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise"
+    return Budget(min(limits), source)
 
 
 # ----------------------------------------------------------------------------------------------------------
