@@ -15,6 +15,7 @@ from cme_jax import configtools
 from cme_jax.errors import CmeError
 from cme_jax.grpo import GRPOConfig
 from cme_jax.metrics import LoggingConfig
+from cme_jax.models.lora import LoraConfig
 from cme_jax.models.sharding import mesh_sizes
 from cme_jax.models.transformer import Remat
 from cme_jax.prompts import DataConfig
@@ -42,6 +43,8 @@ class ModelConfigSection:
     stop_strings: tuple[str, ...] = ()  # extra single-token stops (pretrained models often need "\n\n"-like ones)
     compute_dtype: DtypeName = "auto"  # auto = bfloat16 on accelerators, float32 on the CPU
     remat: Remat = "none"
+    # Low-rank adapters on a frozen base (null = full fine-tuning); `python -m cme_jax.plan` plans such runs.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if not self.policy:
@@ -73,8 +76,14 @@ class TrainSection:
     # held-out prompts are scored with the training reward and their KL to the reference: RUN_DIR/heldout.jsonl.
     heldout_every: int = 0
     heldout_prompts: int = 8
+    # The memory check at start (the planner's, `python -m cme_jax.plan`): "auto" compares against the memory JAX
+    # reports for the device (accelerators; the CPU is not checked), a size like "60GB" against that size per
+    # device, "off" skips it. A run whose planned peak exceeds it is refused before any weight loads.
+    device_memory: str = "auto"
 
     def __post_init__(self):
+        if self.device_memory not in ("auto", "off"):
+            configtools.parse_size(self.device_memory, "train.device_memory")
         for name in ("steps", "prompts_per_step", "num_iterations", "minibatches", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -200,7 +201,36 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["apply_overrides", "dump_yaml", "from_dict", "load", "parse_override", "read_yaml", "to_dict"]
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
+
+
+def parse_size(text: str | int, where: str = "size") -> int:
+    """Bytes in `80GB` (powers of 10), `16GiB` (powers of 2) or a plain number of bytes; one-line error otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE_RE.match(str(text).lower())
+        if not m or m.group(2) not in _SIZE_UNITS:
+            raise CmeError(f"{where}={text!r} is not a memory size; write it like 80GB, 16GiB or 512MiB")
+        value, unit = float(m.group(1)), m.group(2)
+    size = int(value * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise CmeError(f"{where}={text!r} must be more than 0 bytes")
+    return size
+
+
+__all__ = [
+    "apply_overrides",
+    "dump_yaml",
+    "from_dict",
+    "load",
+    "parse_override",
+    "parse_size",
+    "read_yaml",
+    "to_dict",
+]
 
 # typing is imported for users that build schemas with typing.Optional; keep the name referenced.
 _ = typing

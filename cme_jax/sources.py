@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -131,8 +132,9 @@ class ResolvedSource:
     tokenizer_dir: Path | None  # directory with tokenizer files, if known
 
 
-def _hub_download(repo: str, revision: str | None, weights: bool = True) -> Path:
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None, subject: str, fix: str = "pass a local directory"):
+    """Hub failures as one line naming the repository and the fix."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -140,13 +142,12 @@ def _hub_download(repo: str, revision: str | None, weights: bool = True) -> Path
         RevisionNotFoundError,
     )
 
-    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        yield
     except LocalEntryNotFoundError:
         raise CmeError(
-            f"model {repo!r} is not in the Hugging Face cache and the Hub cannot be reached (offline?); "
-            "download it once with network access, or pass a local directory"
+            f"{subject} is not in the Hugging Face cache and the Hub cannot be reached (offline?); "
+            f"download it once with network access, or {fix}"
         ) from None
     except GatedRepoError:
         raise CmeError(f"model {repo!r} is gated; accept its license on the Hub and run `hf auth login`") from None
@@ -155,7 +156,15 @@ def _hub_download(repo: str, revision: str | None, weights: bool = True) -> Path
     except RevisionNotFoundError:
         raise CmeError(f"revision {revision!r} of {repo!r} does not exist") from None
     except Exception as e:
-        raise CmeError(f"cannot download {repo!r} from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+        raise CmeError(f"cannot download {subject} from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+
+
+def _hub_download(repo: str, revision: str | None, weights: bool = True) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"] + (["*.safetensors"] if weights else [])
+    with _hub_errors(repo, revision, f"model {repo!r}"):
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
 
 
 def _text_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +219,47 @@ def resolve(spec: str, *, weights: bool = True) -> ResolvedSource:
     if not cfg_file.exists():
         raise CmeError(f"{spec}: the Hub snapshot has no config.json; is it a transformers model repository?")
     return ResolvedSource(spec, "hf_dir", local, _text_config_dict(json.loads(cfg_file.read_text())), local)
+
+
+def _hub_repo(spec: str) -> tuple[str, str | None] | None:
+    """(repo, revision) when a spec that is no local path, .gguf or embedded alias names a Hub repository."""
+    if spec in EMBEDDED or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
+        return None
+    if Path(os.path.expanduser(spec)).exists():
+        return None
+    repo, _, revision = spec.removeprefix("hf://").partition("@")
+    return (repo, revision or None) if repo.count("/") == 1 else None
+
+
+def hf_config(spec: str, config_dir: str | Path | None = None) -> dict[str, Any]:
+    """The text-model part of a spec's Hugging Face config, without reading or downloading any weights.
+
+    Hub ids read `config.json` alone (from `config_dir`/ORG/NAME/config.json when that file exists, else from the
+    Hub or its cache); local directories and .gguf files are read in place; an embedded alias is fetched like any
+    use of it (its GGUF header holds the config).
+    """
+    hub = _hub_repo(spec)
+    if hub is None:
+        return resolve(spec).hf_config
+    repo, revision = hub
+    local = Path(config_dir) / repo / "config.json" if config_dir is not None else None
+    if local is not None and local.is_file():
+        path = local
+    else:
+        from huggingface_hub import hf_hub_download
+
+        fix = f"put it at {local}" if local is not None else "pass a directory of ORG/NAME/config.json files"
+        with _hub_errors(repo, revision, f"config.json of {repo!r}", fix):
+            path = Path(hf_hub_download(repo, "config.json", revision=revision))
+    try:
+        return _text_config_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CmeError(f"{path} is not valid JSON ({e})") from None
+
+
+def architecture(spec: str, config_dir: str | Path | None = None) -> ModelConfig:
+    """The ModelConfig of a spec from its config alone (see `hf_config`)."""
+    return config_from_hf(hf_config(spec, config_dir))
 
 
 def open_store(src: ResolvedSource) -> TensorStore:

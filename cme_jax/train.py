@@ -29,6 +29,7 @@ from cme_jax.checkpoint import CheckpointManager, install_preemption_handler
 from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config
 from cme_jax.errors import CmeError, cli_main
 from cme_jax.files import read_run_log
+from cme_jax.memory import start_check
 from cme_jax.metrics import RunLogger
 from cme_jax.models.sharding import batch_sharding, make_mesh, replicated, weight_shardings
 from cme_jax.prompts import PromptSampler, PromptSet, load_prompts
@@ -475,6 +476,11 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training; `stop_after` ends this session after that many steps with a checkpoint."""
+    if cfg.model.lora is not None:
+        raise CmeError(
+            "model.lora: LoRA training is not available in this version; remove model.lora to fine-tune every "
+            "weight (python -m cme_jax.plan plans LoRA runs)"
+        )
     run_dir = Path(cfg.run_dir)
     mode = cfg.checkpoint.resume if resume is None else ("require" if resume else "never")
     ckpt = CheckpointManager(
@@ -500,6 +506,9 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
     if latest is not None and latest >= cfg.train.steps:
         log(f"{run_dir} is complete (step {latest} of train.steps={cfg.train.steps}); raise train.steps to go on")
         return TrainResult(run_dir, None, latest)
+    plan_line = start_check(cfg)  # refuses, before any weight loads, a run that cannot fit in device memory
+    if plan_line:
+        log(plan_line)
     run = load_run(cfg)
     if cfg.audit_at_start and run.verifiers:
         from cme_jax.audit import start_audit

@@ -37,6 +37,7 @@ RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "norm": None,
+    "lora_rank": None,  # LoRA adapters: the rank is small and stays whole
     # The fused decode projections stack outputs of different kinds (q, k and v heads; gate and up) on one axis,
     # which a contiguous split over devices would cut across kinds.
     "fused": None,
