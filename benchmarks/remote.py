@@ -40,7 +40,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from cme_jax.audit import shipped_pairs
+    from cme_jax.eval.audit import shipped_pairs
     from cme_jax.scoring import Verifier, VerifierConfig, load_verifier, score_texts
     from cme_jax.sources import load_model
     from tests.vllm_server import VllmLikeServer

@@ -18,17 +18,21 @@ import json
 import os
 import signal
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from cme_jax.errors import CmeError
+from cme_jax.models.sharding import is_spec
+from cme_jax.models.transformer import ModelConfig, Weights, abstract
+from cme_jax.scoring import VerifierDtype, resolve_dtype
+from cme_jax.sources import LoadedModel, load_model, load_tokenizer, resolve
 
 CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"
@@ -339,12 +343,9 @@ class PreemptionFlag:
 
     def any_process(self) -> bool:
         """Whether any process was signalled; a collective, so every process must call it at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
+        from cme_jax.distributed import any_process
 
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        return bool(np.asarray(flags).any())
+        return any_process(self.requested)
 
     def uninstall(self) -> None:
         """Put back the handlers that were installed before."""
@@ -356,3 +357,91 @@ class PreemptionFlag:
 def install_preemption_handler(signals: Iterable[int] = (signal.SIGTERM,)) -> PreemptionFlag:
     """Catch SIGTERM (by default) so the run can checkpoint and exit 0 instead of dying; main thread only."""
     return PreemptionFlag(signals)
+
+
+def parse_run_spec(spec: str) -> tuple[Path, int | None] | None:
+    """(run directory, step or None for the latest) when `spec` names a training run, else None."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and checkpoint_dir(path).is_dir():
+        return path, None
+    head, sep, tail = spec.rpartition("@")
+    if sep and head:
+        run = Path(head).expanduser()
+        if run.is_dir() and checkpoint_dir(run).is_dir():
+            if not tail.isdigit():
+                raise CmeError(f"{spec!r}: the step after '@' must be a number, e.g. {head}@100")
+            return run, int(tail)
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        raise CmeError(f"run directory {path} has no {checkpoint_dir(path).name}/ yet; train until the first save")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoint:
+    """A training run's checkpoint: where, which step, the base model spec and the recorded config."""
+
+    run_dir: Path
+    step: int
+    model_spec: str
+    config: dict[str, Any]
+
+    @property
+    def source(self) -> str:
+        """Identifies the weights: the run directory's absolute path and the step."""
+        return f"{self.run_dir.resolve()}@{self.step}"
+
+
+def inspect_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
+    """Read a run's checkpoint metadata (no weights): the step (default latest), model spec and config."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CmeError(f"run directory {run_dir} does not exist; pass the directory the trainer wrote")
+    if not checkpoint_dir(run_dir).is_dir():
+        raise CmeError(f"{run_dir} has no {checkpoint_dir(run_dir).name}/ directory; is it a training run directory?")
+    with CheckpointManager(run_dir, read_only=True) as mngr:
+        if mngr.latest_step() is None:
+            raise CmeError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint yet; train until the first save")
+        meta = mngr.metadata(step)
+        step = step if step is not None else mngr.latest_step()
+    spec = meta.get("model_spec")
+    if not isinstance(spec, str) or not spec:
+        raise CmeError(
+            f"checkpoint metadata in {checkpoint_dir(run_dir)} has no model_spec, so the policy cannot be rebuilt; "
+            "use run directories written by cme_jax.train"
+        )
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return RunCheckpoint(run_dir, int(step), spec, config)
+
+
+def restore_run_policy(run: RunCheckpoint) -> tuple[ModelConfig, Weights, Any, Any]:
+    """A run's policy as float32 host arrays, with its architecture, model source and tokenizer (from the spec
+    recorded in the checkpoint): what `export` writes and what `evaluate` loads."""
+    from cme_jax.models.families import config_from_hf
+
+    src = resolve(run.model_spec)
+    cfg = config_from_hf(src.hf_config)
+    tokenizer = load_tokenizer(src)
+    # bf16 -> f32 is exact, so reading every weight as float32 loses nothing whatever the run trained in.
+    host = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract(cfg, jnp.float32), is_leaf=is_spec)
+    with CheckpointManager(run.run_dir, read_only=True) as mngr:
+        restored = mngr.restore({"params": host}, run.step, partial=True)
+    return cfg, restored.state["params"], src, tokenizer
+
+
+def load_run_model(run: RunCheckpoint, *, dtype: VerifierDtype = "auto") -> LoadedModel:
+    """The run's policy as a loaded model in `dtype`: `restore_run_policy` cast once."""
+    cfg, params, src, tokenizer = restore_run_policy(run)
+    target = resolve_dtype(dtype)
+    weights = jax.tree.map(lambda x: jnp.asarray(x, target), params)
+    return LoadedModel(run.source, cfg, weights, tokenizer, src.hf_config, src)
+
+
+def model_source(spec: str, dtype: VerifierDtype) -> tuple[str, Callable[[], LoadedModel], RunCheckpoint | None]:
+    """(source id, loader, run or None) for a model spec or a run directory; checks it before any weights load."""
+    run_spec = parse_run_spec(spec)
+    if run_spec is not None:
+        run = inspect_run(*run_spec)
+        resolve(run.model_spec)  # fail now on a base model that is gone
+        return run.source, lambda: load_run_model(run, dtype=dtype), run
+    resolve(spec)
+    return spec, lambda: load_model(spec, dtype=resolve_dtype(dtype)), None

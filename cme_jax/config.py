@@ -23,7 +23,7 @@ from cme_jax.rewards import RewardConfig
 from cme_jax.sampling import SamplingConfig
 from cme_jax.scoring import VerifierConfig
 from cme_jax.tokens import DEFAULT_PLAIN_TEMPLATE, PromptFormat
-from cme_jax.train_step import OptimConfig
+from cme_jax.train_step import OptimConfig, StepConfig
 from cme_jax.watchdog import WatchConfig
 
 DtypeName = Literal["auto", "float32", "bfloat16"]
@@ -209,3 +209,16 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 def config_yaml(cfg: TrainConfig) -> str:
     return configtools.dump_yaml(cfg)
+
+
+def step_config(cfg: TrainConfig, compute_dtype: str) -> StepConfig:
+    """The static shape of one RL step of this run (what the trainer jits and the planner measures)."""
+    return StepConfig(
+        grpo=cfg.grpo,
+        sampling=cfg.sampling,
+        num_iterations=cfg.train.num_iterations,
+        minibatches=cfg.train.minibatches,
+        micro_batches=cfg.train.micro_batches,
+        compute_dtype=compute_dtype,
+        log_entropy=cfg.train.log_entropy,
+    )

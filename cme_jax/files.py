@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cme_jax.errors import CmeError
 
+log = logging.getLogger(__name__)
 Record = tuple[str, dict[str, Any]]  # (position label "file:line" or "file: record i", the object)
 
 
@@ -97,3 +101,58 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not isinstance(data, dict):
         raise CmeError(f"{path} must hold a YAML mapping, not {type(data).__name__}")
     return data
+
+
+class JsonlCache:
+    """Append-only JSONL map from a key (a hash) to a finished result: judge replies, scored rows, served scores.
+
+    Loaded at start, written per entry. Each line is `{"key", "judge", "output"}` (`judge` names what produced
+    the entry); inputs are not stored (the hash suffices). A torn last line from a crash mid-write is skipped.
+    `path=None` keeps the cache in memory only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None):
+        self.path = Path(path) if path is not None else None
+        self._data: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.skipped_lines = 0
+        # A run killed mid-line leaves no final newline: the next append must start a fresh line.
+        self._needs_newline = False
+        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as fb:
+                fb.seek(-1, os.SEEK_END)
+                self._needs_newline = fb.read(1) != b"\n"
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self._data[row["key"]] = row["output"]
+                    except (ValueError, KeyError, TypeError):
+                        self.skipped_lines += 1
+            if self.skipped_lines:
+                log.warning("cache %s: skipped %d unreadable lines", self.path, self.skipped_lines)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str) -> str | None:
+        """The cached reply for a key, or None."""
+        return self._data.get(key)
+
+    def put(self, key: str, judge_id: str, output: str) -> None:
+        """Record a reply in memory and append it to the file at once, so a crash loses nothing."""
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = output
+            if self.path is None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"key": key, "judge": judge_id, "output": output}, ensure_ascii=False)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(("\n" if self._needs_newline else "") + line + "\n")
+                f.flush()
+            self._needs_newline = False

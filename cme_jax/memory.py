@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from cme_jax import configtools
-from cme_jax.config import TrainConfig, check_mesh_fits
+from cme_jax.config import TrainConfig, check_mesh_fits, step_config
 from cme_jax.errors import CmeError
 from cme_jax.models.logprobs import DEFAULT_CHUNK_ELEMENTS
 from cme_jax.models.lora import abstract_adapters
@@ -703,7 +703,7 @@ def compiled_memory(cfg: TrainConfig, models: Models, p: Plan) -> list[ProgramMe
     """Compile (never run) the policy's sampling and update programs for this machine's devices, with the trainer's
     shardings, and return XLA's memory analysis of each. Verifier scoring is not compiled."""
     from cme_jax.models.sharding import batch_sharding, make_mesh, replicated
-    from cme_jax.train_step import StepConfig, StepShardings, build_step, compute_params, join_rollout
+    from cme_jax.train_step import StepShardings, build_step, compute_params, join_rollout
 
     if cfg.model.lora is not None:
         raise CmeError("--compile: LoRA training is not available in this version, so there is no step to compile")
@@ -726,15 +726,7 @@ def compiled_memory(cfg: TrainConfig, models: Models, p: Plan) -> list[ProgramMe
     ref = None
     if cfg.grpo.beta > 0:
         ref = place(jax.eval_shape(lambda w: compute_params(w, p.compute_dtype), state.params), wsh)
-    sc = StepConfig(
-        grpo=cfg.grpo,
-        sampling=cfg.sampling,
-        num_iterations=cfg.train.num_iterations,
-        minibatches=cfg.train.minibatches,
-        micro_batches=cfg.train.micro_batches,
-        compute_dtype=p.compute_dtype,
-        log_entropy=cfg.train.log_entropy,
-    )
+    sc = step_config(cfg, p.compute_dtype)
     shardings = StepShardings(state=ssh, rows=rows, replicated=rep, ref=wsh if ref is not None else None)
     fns = build_step(pc, sc, optimizer, pad_id=0, shardings=shardings)
     B, P = cfg.train.prompts_per_step, bucket_length(cfg.data.max_prompt_tokens)

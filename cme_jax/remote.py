@@ -150,13 +150,13 @@ class ServedVerifier:
 
     def _open_cache(self) -> Any:
         """The on-disk cache (loaded once); without one, a map for this call only (a run's rows would pile up)."""
-        from cme_jax.judging import JudgmentCache  # an append-only JSONL map of finished answers
+        from cme_jax.files import JsonlCache  # an append-only JSONL map of finished answers
 
         if self.cache_file is None:
-            return JudgmentCache(None)
+            return JsonlCache(None)
         with self._lock:
             if self._cache is None:
-                self._cache = JudgmentCache(self.cache_file)
+                self._cache = JsonlCache(self.cache_file)
             return self._cache
 
     def score_rows(

@@ -9,6 +9,8 @@ over the data axes.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cme_jax.distributed import data_shards
+from cme_jax.errors import CmeError
 from cme_jax.models import decode_layout
 from cme_jax.models.decode_layout import LayoutChoice
-from cme_jax.models.sharding import constrain, mesh_of
+from cme_jax.models.sharding import batch_sharding, constrain, mesh_of
 from cme_jax.models.transformer import (
     Array,
     KVCache,
@@ -30,6 +34,16 @@ from cme_jax.models.transformer import (
     init_cache,
     lm_head,
     softcap,
+)
+from cme_jax.sources import LoadedModel
+from cme_jax.tokens import (
+    DEFAULT_PLAIN_TEMPLATE,
+    PromptFormat,
+    bucket_length,
+    encode_prompts,
+    left_pad,
+    pad_id,
+    stop_token_ids,
 )
 
 # The draw picks a block of this many vocabulary entries, then a token inside it: two short cumulative sums
@@ -371,3 +385,114 @@ def batch_decode(tokenizer: Any, token_lists: Sequence[Sequence[int]]) -> list[s
 def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
     """Response texts with the stop token and other special tokens removed."""
     return batch_decode(tokenizer, response_token_lists(rollout))
+
+
+def default_dtype() -> Any:
+    """bfloat16 on accelerators, float32 on the CPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def fit_prompts(ids: list[list[int]], max_new_tokens: int, max_position: int, truncate_left: bool) -> list[list[int]]:
+    """Check that prompt + response fits the context window, truncating from the left only on request."""
+    room = max_position - max_new_tokens
+    if room < 1:
+        raise CmeError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {max_position}-token "
+            "context; lower it"
+        )
+    out = []
+    for i, p in enumerate(ids):
+        if not p:
+            raise CmeError(f"prompt {i} is empty after tokenization; give every prompt some text")
+        if len(p) > room:
+            if not truncate_left:
+                raise CmeError(
+                    f"prompt {i} has {len(p)} tokens but only {room} fit with max_new_tokens={max_new_tokens} "
+                    f"in the {max_position}-token context; shorten it or pass --truncate-left"
+                )
+            p = p[-room:]
+        out.append(p)
+    return out
+
+
+def generate_responses(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    scfg: SamplingConfig,
+    *,
+    seed: int = 0,
+    fmt: PromptFormat = "auto",
+    template: str = DEFAULT_PLAIN_TEMPLATE,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] = (),
+    truncate_left: bool = False,
+    progress: bool = False,
+    mesh: Any = None,
+) -> list[list[dict[str, Any]]]:
+    """For each prompt, num_samples dicts with response text, token ids, stopped flag and summed log-prob.
+
+    Prompts are sorted by length into batches of `batch_size` (the last one padded with repeats, so every batch
+    has the same shape) and left-padded to a bucket length, so a run compiles one program per bucket. With a
+    `mesh`, prompt rows are split over its data axes (place the weights with `load_model(..., mesh=mesh)`).
+    With `progress`, one line per batch goes to stderr.
+    """
+    if not prompts:
+        raise CmeError("no prompts given; pass at least one prompt")
+    if batch_size < 1:
+        raise CmeError(f"batch size must be >= 1, got {batch_size}")
+    tok = model.tokenizer
+    ids = encode_prompts(tok, prompts, fmt, template)
+    ids = fit_prompts(ids, scfg.max_new_tokens, model.cfg.max_position, truncate_left)
+    stops = np.asarray(stop_token_ids(tok, stop_strings), np.int32)
+    pad = pad_id(tok)
+    order = np.argsort([len(p) for p in ids], kind="stable")  # similar lengths share a bucket
+    batch_size = min(batch_size, len(ids))
+    rows_in = None
+    if mesh is not None:
+        rows_in = batch_sharding(mesh, 2)
+        shards = data_shards(mesh)
+        batch_size = -(-batch_size // shards) * shards  # every device gets whole rows
+    results: list[list[dict[str, Any]]] = [[] for _ in prompts]
+    rng = jax.random.key(seed)
+    num_batches = -(-len(ids) // batch_size)
+    G = scfg.num_samples
+    t_start, n_tokens, seen_shapes = time.perf_counter(), 0, set()
+    step_weights = prepare_decode(model.weights, model.cfg)  # once for all batches, not inside every call
+    for b, start in enumerate(range(0, len(ids), batch_size)):
+        idx = order[start : start + batch_size]
+        batch = [ids[i] for i in idx]
+        rows = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - rows)
+        toks, mask = left_pad(batch, bucket_length(max(len(p) for p in batch)), pad)
+        if rows_in is not None:
+            toks, mask = jax.device_put(toks, rows_in), jax.device_put(mask, rows_in)
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(rng, b)
+        ro = sample_jit(model.weights, model.cfg, toks, mask, key, scfg, stops, pad, decode_weights=step_weights)
+        resp = response_token_lists(ro)
+        stopped, logps = np.asarray(ro.stopped), np.asarray(ro.logprobs)
+        for j, i in enumerate(idx[:rows]):
+            for g in range(G):
+                r = j * G + g
+                results[i].append(
+                    {
+                        "response": tok.decode(resp[r], skip_special_tokens=True),
+                        "tokens": resp[r],
+                        "stopped": bool(stopped[r]),
+                        "logprob": float(logps[r].sum()),
+                    }
+                )
+        if progress:
+            dt = time.perf_counter() - t0
+            lengths = np.asarray(ro.lengths)[: rows * G]
+            n_tokens += int(lengths.sum())
+            first = toks.shape not in seen_shapes  # this call compiled a program for the new prompt bucket
+            seen_shapes.add(toks.shape)
+            print(
+                f"batch {b + 1}/{num_batches}: {rows} prompts x {G} samples, prompt bucket {toks.shape[1]}, "
+                f"{int(lengths.sum())} tokens in {dt:.1f}s ({lengths.sum() / dt:.0f} tok/s"
+                f"{', with compilation' if first else ''}), {stopped[: rows * G].mean():.0%} stopped; "
+                f"total {n_tokens} tokens in {time.perf_counter() - t_start:.1f}s",
+                file=sys.stderr,
+            )
+    return results

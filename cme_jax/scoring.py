@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cme_jax.distributed import data_shards, to_host
 from cme_jax.errors import CmeError
 from cme_jax.models.logprobs import DEFAULT_CHUNK_ELEMENTS, token_logprobs
 from cme_jax.models.transformer import Array, ModelConfig, Weights
@@ -532,25 +533,6 @@ def pack_rows(
     return tokens, mask, C
 
 
-def _row_multiple(mesh: Any) -> int:
-    if mesh is None:
-        return 1
-    from cme_jax.models.sharding import batch_sharding
-
-    spec = batch_sharding(mesh, 2).spec[0]
-    names = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
-    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
-
-
-def _rows_on_host(x: Array) -> np.ndarray:
-    """All rows of a scored batch on this host, also when they are spread over several processes' devices."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def _score_id_rows(
     verifier: Verifier,
     contexts: Sequence[Sequence[int]],
@@ -568,7 +550,7 @@ def _score_id_rows(
     count = np.zeros(R, np.int32)
     model = verifier.model
     size = R if batch_size is None else min(batch_size, R)
-    mult = _row_multiple(mesh)
+    mult = data_shards(mesh)
     size = -(-size // mult) * mult
     order = np.argsort([len(c) + len(r) for c, r in zip(contexts, responses)], kind="stable")
     if batch_size is None or batch_size >= R:
@@ -592,8 +574,8 @@ def _score_id_rows(
             mask = jax.device_put(mask, batch_sharding(mesh, 2))
         kw = dict(start=start, chunk_budget=chunk_budget, block_tokens=block_tokens)
         s, c = score_rows_jit(model.weights, model.cfg, tokens, mask, **kw)
-        total[idx] = _rows_on_host(s)[: len(idx)]
-        count[idx] = _rows_on_host(c)[: len(idx)]
+        total[idx] = to_host(s)[: len(idx)]
+        count[idx] = to_host(c)[: len(idx)]
         if progress is not None:
             progress.update(len(idx))
     return total, count
@@ -688,7 +670,7 @@ def score_unique(
     **kw: Any,
 ) -> VerifierScores:
     """`score_texts` of each row, scoring each distinct (prompt, text, stopped) row once and none found in `cache`
-    (anything with get(key) -> str | None and put(key, tag, str), e.g. judging.JudgmentCache)."""
+    (anything with get(key) -> str | None and put(key, tag, str), e.g. judging.JsonlCache)."""
     stopped = [True] * len(texts) if stopped is None else [bool(x) for x in stopped]
     keys = list(zip(prompts, texts, stopped))
     index: dict[tuple[str, str, bool], int] = {}

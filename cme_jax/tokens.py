@@ -9,6 +9,8 @@ import numpy as np
 
 from cme_jax.errors import CmeError
 
+Message = dict[str, str]  # one chat turn: {"role": ..., "content": ...}
+
 PromptFormat = Literal["auto", "chat", "plain"]
 
 # End-of-turn markers of common chat formats; any that exist in a vocabulary stop generation.
@@ -116,3 +118,45 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.n
             toks[i, length - len(s) :] = s
             mask[i, length - len(s) :] = True
     return toks, mask
+
+
+def as_verbatim_prompt(tokenizer: Any, text: str, chat: bool) -> str:
+    """`text` adjusted so plain encoding gives exactly the ids of `text` encoded as a (chat) context.
+
+    Chat templates spell out BOS themselves while plain encoding adds the tokenizer's default specials,
+    so a leading BOS in a rendered chat text is dropped when plain encoding would add it again.
+    """
+    if not chat:
+        return text
+    want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token
+    candidates = [text] + ([text[len(bos) :]] if bos and text.startswith(bos) else [])
+    for cand in candidates:
+        if list(tokenizer(cand, add_special_tokens=True)["input_ids"]) == want:
+            return cand
+    raise CmeError(
+        "this tokenizer adds special tokens that a chat-formatted prompt cannot reproduce; use a plain prompt "
+        "format (--format plain) for it"
+    )
+
+
+def render_conversation(tokenizer: Any, messages: Sequence[Message]) -> str:
+    """A conversation as the prompt a model continues: its chat template, else a plain role transcript."""
+    if has_chat_template(tokenizer):
+        msgs = [dict(m) for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            # Some templates refuse a system turn; fold it into the first user turn instead.
+            if not msgs or msgs[0]["role"] != "system" or len(msgs) < 2:
+                raise
+            system, first = msgs[0], msgs[1]
+            merged = [{"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}, *msgs[2:]]
+            text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+        return as_verbatim_prompt(tokenizer, text, chat=True)
+    labels = {"user": "User: ", "assistant": "Assistant: ", "system": ""}
+    return "\n\n".join(labels.get(m["role"], f"{m['role']}: ") + m["content"] for m in messages) + "\n\nAssistant:"
+
+
+# Plain prompts go through `generate_responses` verbatim: the caller has already formatted them.
+VERBATIM_TEMPLATE = "{prompt}"

@@ -26,7 +26,8 @@ import numpy as np
 
 from cme_jax import rewards as rewards_lib
 from cme_jax.checkpoint import CheckpointManager, install_preemption_handler
-from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config
+from cme_jax.config import TrainConfig, check_mesh_fits, config_to_dict, config_yaml, load_config, step_config
+from cme_jax.distributed import agree, initialize_distributed, put_global, to_host
 from cme_jax.errors import CmeError, cli_main
 from cme_jax.files import read_run_log
 from cme_jax.memory import start_check
@@ -65,54 +66,10 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def initialize_distributed() -> None:
-    """Join the multi-process job: explicit JAX_* variables if set, else JAX's cluster auto-detection."""
-    # CPU processes (tests, launch/local_multiprocess.py) need cross-process collectives: gloo (JAX's default
-    # in recent releases) unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chose another.
-    if not jax.config.jax_cpu_collectives_implementation:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # How long a silent process counts as alive: when one dies, the others stop after this long (JAX's default
-    # unless CME_JAX_HEARTBEAT_TIMEOUT says otherwise; the local launcher stops them itself and sets it long).
-    kw: dict[str, Any] = {}
-    if heartbeat := os.environ.get("CME_JAX_HEARTBEAT_TIMEOUT"):
-        if not heartbeat.isdigit() or int(heartbeat) < 1:
-            raise CmeError(f"CME_JAX_HEARTBEAT_TIMEOUT={heartbeat!r}: give a whole number of seconds >= 1")
-        kw["heartbeat_timeout_seconds"] = int(heartbeat)
-    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if addr:
-        try:
-            n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-        except (KeyError, ValueError):
-            raise CmeError("JAX_COORDINATOR_ADDRESS is set: also set JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
-        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid, **kw)
-    else:
-        jax.distributed.initialize(**kw)
-
-
 def compute_dtype(cfg: TrainConfig) -> str:
     if cfg.model.compute_dtype != "auto":
         return cfg.model.compute_dtype
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def put_global(x: Any, sharding: jax.sharding.Sharding, fed: set[int] | None = None) -> jax.Array:
-    """A global array from a value every process holds in full; each process transfers only its own shards.
-
-    `fed` (host data only) collects the leading-axis indices this process transferred.
-    """
-    if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
-        return jax.device_put(x, sharding)
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        # A process-local key (device_put refuses those across processes) travels as its raw words.
-        return jax.random.wrap_key_data(put_global(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
-    x = np.asarray(x)
-
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        if fed is not None:
-            fed.update(range(x.shape[0])[index[0]])
-        return x[index]
-
-    return jax.make_array_from_callback(x.shape, sharding, shard)
 
 
 def record_fed(run_dir: Path, step: int, ids: Sequence[int], texts: Sequence[str], rows: Sequence[int]) -> None:
@@ -125,23 +82,6 @@ def record_fed(run_dir: Path, step: int, ids: Sequence[int], texts: Sequence[str
     }
     with open(run_dir / f"fed_prompts.p{jax.process_index()}.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process) global array on this host."""
-    if jax.process_count() == 1 or x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def local_rows(sharding: jax.sharding.Sharding, n: int) -> list[int]:
-    """Rows of an [n, ...] array that live on this process's devices: the share this process feeds."""
-    rows: set[int] = set()
-    for index in sharding.addressable_devices_indices_map((n,)).values():
-        rows.update(range(n)[index[0]])
-    return sorted(rows)
 
 
 @dataclasses.dataclass
@@ -247,7 +187,7 @@ def changed_responses(first: dict[str, Any], last: dict[str, Any], shown: int = 
 
 def heldout_report(rows: Sequence[dict[str, Any]], seed: int = 0) -> list[str]:
     """Console lines: the held-out reward at every evaluation, and first -> last with a paired bootstrap interval."""
-    from cme_jax.judging import bootstrap_ci
+    from cme_jax.eval.stats import bootstrap_ci
 
     if len(rows) < 1:
         return []
@@ -325,15 +265,7 @@ def load_run(cfg: TrainConfig) -> Run:
     for vc in cfg.reward.verifiers:
         log(f"loading verifier {vc.name} ({vc.model}) ...")
         verifiers.append(load_verifier(vc, mesh=mesh))
-    sc = StepConfig(
-        grpo=cfg.grpo,
-        sampling=cfg.sampling,
-        num_iterations=cfg.train.num_iterations,
-        minibatches=cfg.train.minibatches,
-        micro_batches=cfg.train.micro_batches,
-        compute_dtype=dtype,
-        log_entropy=cfg.train.log_entropy,
-    )
+    sc = step_config(cfg, dtype)
     prompt_len = None
     if cfg.train.prompt_padding == "max":
         prompt_len = bucket_length(max(len(ids) for ids in encode(list(data.train))))
@@ -449,15 +381,6 @@ def report_events(run_dir: Path, events: Sequence[Event]) -> None:
         write_events(run_dir / WATCHDOG_FILE, events)
 
 
-def agree(flag: bool) -> bool:
-    """Process 0's decision on every process; a collective, so every process must call it at the same step."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32))))
-
-
 def stop_message(cfg: TrainConfig, step: int, good: int | None) -> str:
     """Where the last good policy is, for the run ended by the watchdog at `step`."""
     head = f"watchdog: stopping at step {step} (train.stop_on_hacking); its final checkpoint is step {step}"
@@ -511,7 +434,7 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
         log(plan_line)
     run = load_run(cfg)
     if cfg.audit_at_start and run.verifiers:
-        from cme_jax.audit import start_audit
+        from cme_jax.eval.audit import start_audit
 
         log(f"auditing the verifiers on {cfg.audit_pairs} preference pairs (audit_at_start) ...")
         cme_w = next((t.weight for t in cfg.reward.terms if t.name == "cme"), 1.0)

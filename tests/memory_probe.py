@@ -21,6 +21,7 @@ import jax
 
 from cme_jax import train
 from cme_jax.config import load_config
+from cme_jax.distributed import put_global
 from cme_jax.models.sharding import replicated, weight_shardings
 from cme_jax.prompts import PromptSampler
 from cme_jax.train_step import init_state, make_optimizer, state_shardings
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     state = init_state(run.policy.weights, optimizer, cfg.train.seed)
     ssh = state_shardings(state, optimizer, weight_shardings(run.policy.cfg, run.mesh), replicated(run.mesh))
-    state = jax.tree.map(train.put_global, state, ssh)
+    state = jax.tree.map(put_global, state, ssh)
     stepper = train.make_stepper(run, optimizer, ssh)
     sampler = PromptSampler(len(run.prompts), cfg.data.seed, fingerprint=run.data.fingerprint)
     idx, sampler = sampler.global_batch(cfg.train.prompts_per_step)

@@ -12,23 +12,22 @@ import pytest
 from tiny_hf import tiny_model, tiny_tokenizer
 
 from cme_jax import audit
-from cme_jax.audit import (
+from cme_jax.errors import CmeError
+from cme_jax.eval import audit as audit_lib
+from cme_jax.eval.audit import (
     KINDS,
     PreferencePair,
-    average_ranks,
     combined_forms,
     load_hub_pairs,
     make_rewrites,
     pair_from_record,
     run_audit,
     shipped_pairs,
-    spearman,
     start_audit,
     summarize_scores,
     warning_lines,
-    win_rate,
 )
-from cme_jax.errors import CmeError
+from cme_jax.eval.stats import average_ranks, spearman, win_rate
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
 from cme_jax.sources import load_model
 
@@ -398,7 +397,7 @@ def test_start_audit_with_both_embedded_models_writes_the_report(gemma, smollm, 
     assert all(w.startswith("audit: ") for w in warnings)
     assert [it["prompt"] for it in items] == [p.prompt for p in shipped_pairs()[:4]]
     names = ["gemma3-270m", "smollm2-135m-instruct", "combined"]
-    assert [(r["verifier"], r["form"]) for r in summary["results"]] == [(n, f) for n in names for f in audit.FORMS]
+    assert [(r["verifier"], r["form"]) for r in summary["results"]] == [(n, f) for n in names for f in audit_lib.FORMS]
     # The run trains gemma's plain CME and smollm's contrastive CME.
     assert [r["trained"] for r in summary["results"]] == [True, False, False, True, False, False]
     assert [v["chat"] for v in summary["verifiers"]] == [False, True]

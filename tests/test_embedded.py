@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cme_jax.generate import generate_responses
 from cme_jax.models.transformer import default_positions, forward
-from cme_jax.sampling import SamplingConfig
+from cme_jax.sampling import SamplingConfig, generate_responses
 from cme_jax.tokens import encode_prompts, left_pad, stop_token_ids
 
 pytestmark = pytest.mark.slow

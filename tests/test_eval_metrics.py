@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cme_jax import evaluate as ev
-from cme_jax.audit import score_forms
-from cme_jax.judging import JudgmentCache, bootstrap_ci
+from cme_jax.errors import CmeError
+from cme_jax.eval import evaluation as ev
+from cme_jax.eval import judging, stats
+from cme_jax.eval.audit import score_forms
+from cme_jax.eval.stats import bootstrap_ci
+from cme_jax.files import JsonlCache
 from cme_jax.metrics import repetition_rate
 from cme_jax.models.logprobs import token_kl_jit
 from cme_jax.scoring import Verifier, VerifierConfig
@@ -78,7 +81,7 @@ def test_token_metrics_per_output_means(softcapped_pair):
         one = token_kl_jit(p.weights, q.weights, p.cfg, ids, np.ones_like(ids, bool), start=len(ctx))
         assert got["kl"][i] == pytest.approx(float(np.asarray(one["kl"]).mean()), rel=1e-5)
         assert got["entropy"][i] == pytest.approx(float(np.asarray(one["entropy"]).mean()), rel=1e-5)
-    with pytest.raises(ev.CmeError, match="must share"):
+    with pytest.raises(CmeError, match="must share"):
         other = load_model(write_tiny(p_dir + "_other", "llama", 0, 200))
         ev.token_metrics(policy, p, other, instructions, outputs)
 
@@ -100,14 +103,14 @@ def test_repetition_rate_and_output_metrics():
 def test_paired_interval_by_hand():
     model = np.array([1.0, 2.0, np.nan, 4.0])
     base = np.array([0.5, 2.5, 3.0, 3.0])
-    got = ev.paired_interval(model, base, seed=3, n_boot=500)
+    got = stats.paired_interval(model, base, seed=3, n_boot=500)
     assert got["model"]["n"] == got["difference"]["n"] == 3  # the prompt the model has no value for drops out
     assert got["model"]["mean"] == pytest.approx(7 / 3)
     assert got["baseline"]["mean"] == pytest.approx(2.0)
     assert got["difference"]["mean"] == pytest.approx((0.5 - 0.5 + 1.0) / 3)
     low, high = bootstrap_ci([0.5, -0.5, 1.0], seed=3, n_boot=500)
     assert (got["difference"]["ci95_low"], got["difference"]["ci95_high"]) == pytest.approx((low, high))
-    assert ev.interval(np.array([np.nan]))["mean"] is None
+    assert stats.interval(np.array([np.nan]))["mean"] is None
 
 
 def test_automatic_metrics_intervals_without_verifiers():
@@ -138,11 +141,11 @@ def test_automatic_metrics_intervals_without_verifiers():
 def test_score_forms_cache_skips_scored_rows(gemma, tmp_path):
     verifier = Verifier.from_model(VerifierConfig("gemma3-270m", context="plain", template="Q: {prompt}\nA:"), gemma)
     prompts, texts = ["Name a colour.", "Name a fruit."], ["Blue.", "An apple, or a pear."]
-    cache = JudgmentCache(tmp_path / "scores.jsonl")
+    cache = JsonlCache(tmp_path / "scores.jsonl")
     first = score_forms(verifier, prompts, texts, cache=cache, batch_size=2)
     assert len(cache) == 4  # each text after its prompt's context and after the empty prompt's
     lines = (tmp_path / "scores.jsonl").read_text().splitlines()
-    again = score_forms(verifier, prompts, texts, cache=JudgmentCache(tmp_path / "scores.jsonl"), batch_size=2)
+    again = score_forms(verifier, prompts, texts, cache=JsonlCache(tmp_path / "scores.jsonl"), batch_size=2)
     assert (tmp_path / "scores.jsonl").read_text().splitlines() == lines  # nothing new was scored
     get = lambda f, key: f.form(True, "") if key == "contrastive" else getattr(f, key)
     for key in ("plain", "contrastive", "count", "empty"):
@@ -156,24 +159,24 @@ def test_score_forms_cache_skips_scored_rows(gemma, tmp_path):
 
 
 def test_likelihood_reply_with_a_bias():
-    assert ev.likelihood_reply([-1.0, -2.0]).startswith("[[A]]")  # log-odds +1 > 0
-    assert ev.likelihood_reply([-1.0, -2.0], bias=1.5).startswith("[[B]]")  # +1 is below this judge's A-preference
-    assert ev.likelihood_reply([-1.0, -2.0], bias=0.5) == "[[A]] (log p A=-1.0000, B=-2.0000; bias 0.5000)"
-    assert ev.likelihood_reply([-3.0, -2.0], bias=-1.5).startswith("[[A]]")  # -1 > -1.5
+    assert judging.likelihood_reply([-1.0, -2.0]).startswith("[[A]]")  # log-odds +1 > 0
+    assert judging.likelihood_reply([-1.0, -2.0], bias=1.5).startswith("[[B]]")  # +1 is below this judge's A-preference
+    assert judging.likelihood_reply([-1.0, -2.0], bias=0.5) == "[[A]] (log p A=-1.0000, B=-2.0000; bias 0.5000)"
+    assert judging.likelihood_reply([-3.0, -2.0], bias=-1.5).startswith("[[A]]")  # -1 > -1.5
 
 
 def test_likelihood_bias_splits_verdicts_evenly(smollm, tmp_path):
-    from cme_jax.audit import shipped_pairs
-    from cme_jax.judging import run_pairwise, summarize_records
+    from cme_jax.eval.audit import shipped_pairs
+    from cme_jax.eval.judging import run_pairwise, summarize_records
 
     pairs = shipped_pairs()[:3]
-    bias = ev.likelihood_bias(smollm, pairs, batch_size=6)
-    plain = ev.local_judge(smollm, verdict="likelihood", batch_size=6)
-    calibrated = ev.local_judge(smollm, verdict="likelihood", batch_size=6, bias=bias)
+    bias = judging.likelihood_bias(smollm, pairs, batch_size=6)
+    plain = judging.local_judge(smollm, verdict="likelihood", batch_size=6)
+    calibrated = judging.local_judge(smollm, verdict="likelihood", batch_size=6, bias=bias)
     assert plain.judge_id != calibrated.judge_id and f"bias={bias:.6f}" in calibrated.judge_id
-    items = [ev.PairItem(p.prompt, p.chosen, p.rejected) for p in pairs]
-    before = summarize_records(run_pairwise(items, plain, JudgmentCache(None)))
-    after = summarize_records(run_pairwise(items, calibrated, JudgmentCache(None)))
+    items = [judging.PairItem(p.prompt, p.chosen, p.rejected) for p in pairs]
+    before = summarize_records(run_pairwise(items, plain, JsonlCache(None)))
+    after = summarize_records(run_pairwise(items, calibrated, JsonlCache(None)))
     assert before["first_position_rate"] == 1.0  # uncalibrated, this small judge answers A to everything
     # 6 conversations (3 pairs, both orders): the median splits them 3 A / 3 B, whatever the answers say.
     assert after["first_position_rate"] == pytest.approx(0.5)

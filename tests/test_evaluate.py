@@ -16,14 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cme_jax import evaluate as ev
-from cme_jax.audit import shipped_pairs
+from cme_jax import checkpoint, tokens
+from cme_jax import evaluate as evaluate_cmd
 from cme_jax.checkpoint import CheckpointManager
 from cme_jax.errors import CmeError
-from cme_jax.generate import generate_responses
-from cme_jax.judging import IDENTICAL_NOTE, FunctionJudge, OpenAIJudge, parse_verdict, render_pairwise
+from cme_jax.eval import evaluation as ev
+from cme_jax.eval import judging
+from cme_jax.eval.audit import shipped_pairs
+from cme_jax.eval.judging import IDENTICAL_NOTE, FunctionJudge, OpenAIJudge, parse_verdict, render_pairwise
 from cme_jax.prompts import DataConfig, load_prompts
-from cme_jax.sampling import SamplingConfig
+from cme_jax.sampling import SamplingConfig, generate_responses
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
 from cme_jax.tokens import format_prompt
 from tests.json_server import JsonServer, send_json
@@ -226,17 +228,17 @@ def test_conversation_rendering(smollm, gemma):
         {"role": "user", "content": "Verdict only."},
     ]
     tok = smollm.tokenizer
-    text = ev.render_conversation(tok, conv)
+    text = tokens.render_conversation(tok, conv)
     assert text == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     # Gemma's tokenizer adds <bos> to plain text: a rendered chat text that spells it out loses it,
     # so the sampler's plain encoding reproduces the chat ids exactly.
     gtok = gemma.tokenizer
     chat_text = gtok.bos_token + "<start_of_turn>user\nhi<end_of_turn>\n"
-    plain = ev.as_verbatim_prompt(gtok, chat_text, chat=True)
+    plain = tokens.as_verbatim_prompt(gtok, chat_text, chat=True)
     assert plain == chat_text[len(gtok.bos_token) :]
     assert gtok(plain)["input_ids"] == gtok(chat_text, add_special_tokens=False)["input_ids"]
     # no chat template: a plain transcript that ends where the judge answers
-    transcript = ev.render_conversation(gtok, conv)
+    transcript = tokens.render_conversation(gtok, conv)
     assert transcript.startswith("Be fair.\n\nUser: Pick one.") and transcript.endswith(
         "User: Verdict only.\n\nAssistant:"
     )
@@ -246,7 +248,7 @@ def test_conversation_rendering(smollm, gemma):
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
         + strict.chat_template
     )
-    folded = ev.render_conversation(strict, conv)
+    folded = tokens.render_conversation(strict, conv)
     assert folded.startswith("<|im_start|>user\nBe fair.\n\nPick one.<|im_end|>") and folded.endswith("assistant\n")
 
 
@@ -261,7 +263,7 @@ def test_run_directory_vs_base_with_local_judge_and_cme(trained_run, smollm, gem
     model = ev.load_policy(str(run))
     assert model.name == "run@7" and model.source == f"{run.resolve()}@7" and model.model is None
     base = ev.load_policy("smollm2-135m-instruct", model=smollm)
-    judge = CountingJudge(ev.local_judge(smollm, max_new_tokens=JUDGE_TOKENS, batch_size=JUDGE_BATCH))
+    judge = CountingJudge(judging.local_judge(smollm, max_new_tokens=JUDGE_TOKENS, batch_size=JUDGE_BATCH))
     vcfg = VerifierConfig("gemma3-270m", context="plain", template=GEMMA_TEMPLATE)
     verifier = Verifier.from_model(vcfg, gemma)
     kw = dict(
@@ -287,7 +289,7 @@ def test_run_directory_vs_base_with_local_judge_and_cme(trained_run, smollm, gem
     chats = [format_prompt(smollm.tokenizer, p.instruction, system=SYSTEM) for p in prompts]
     want = generate_responses(trained, chats, SAMPLING, fmt="plain", template="{prompt}", batch_size=N_PROMPTS)
     assert model_out == [s[0]["response"].strip() for s in want]
-    restored = ev.load_run_model(ev.inspect_run(run), dtype="float32")
+    restored = checkpoint.load_run_model(checkpoint.inspect_run(run), dtype="float32")
     assert restored.spec == model.source and restored.cfg == smollm.cfg
     jax.tree.map(np.testing.assert_array_equal, restored.weights, params)
 
@@ -461,7 +463,7 @@ def test_gemma_vs_smollm_with_http_judge_retries_and_resume(model_server, smollm
     # A third run asks nothing; so does the command line on the same OUT, and it loads no policy.
     before = model_server.requests
     assert ev.evaluate(*policies(), prompts, judge(), out, **kw) == results
-    ev.main(
+    evaluate_cmd.main(
         [
             "--model", "gemma3-270m", "--baseline", "smollm2-135m-instruct", "--template", GEMMA_TEMPLATE,
             "--prompts", str(prompt_file),
@@ -502,7 +504,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
     def fails(*argv: str) -> str:
         with pytest.raises(SystemExit) as e:
-            ev.main(list(argv))
+            evaluate_cmd.main(list(argv))
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
@@ -593,15 +595,15 @@ REPLY = re.compile(r"\[\[([AB])\]\] \(log p A=(-?[\d.]+), B=(-?[\d.]+)\)")
 
 def test_likelihood_judge_matches_transformers(smollm, hf_smollm, gemma):
     convs = likelihood_conversations()  # 4 conversations of about 200 tokens: one batch of 4
-    judge = ev.local_judge(smollm, verdict="likelihood", batch_size=4)
+    judge = judging.local_judge(smollm, verdict="likelihood", batch_size=4)
     assert judge.verdict_only and "|likelihood|" in judge.judge_id
-    assert judge.judge_id != ev.local_judge(smollm).judge_id  # the two modes never share cached judgments
+    assert judge.judge_id != judging.local_judge(smollm).judge_id  # the two modes never share cached judgments
     replies = judge.judge(convs)
     got = np.array([[float(x) for x in REPLY.fullmatch(r).groups()[1:]] for r in replies])
     tok = smollm.tokenizer
     for conv, reply, lp in zip(convs, replies, got):
-        text = ev.verdict_prompt(tok, conv)
-        assert text == ev.render_conversation(tok, conv) + "[[" and text.endswith("<|im_start|>assistant\n[[")
+        text = judging.verdict_prompt(tok, conv)
+        assert text == tokens.render_conversation(tok, conv) + "[[" and text.endswith("<|im_start|>assistant\n[[")
         ids = tok(text)["input_ids"]
         letters = []
         for letter in "AB":
@@ -612,13 +614,15 @@ def test_likelihood_judge_matches_transformers(smollm, hf_smollm, gemma):
         np.testing.assert_allclose(lp, ref, atol=1e-3)
         assert parse_verdict(reply) == "AB"[int(np.argmax(ref))]
     # the same numbers and verdicts in batches of one (left padding, no repeated rows)
-    single = ev.verdict_logprobs(smollm, convs, batch_size=1)
+    single = judging.verdict_logprobs(smollm, convs, batch_size=1)
     np.testing.assert_allclose(single, got, atol=2e-4)
-    assert [ev.likelihood_reply(row)[:5] for row in single] == [r[:5] for r in replies]
+    assert [judging.likelihood_reply(row)[:5] for row in single] == [r[:5] for r in replies]
     # the fallback for letters of several tokens: the summed log-prob of each continuation
-    text = ev.verdict_prompt(tok, convs[0])
-    np.testing.assert_allclose(ev.continuation_logprobs(smollm, [text], ["A", "B"], batch_size=2)[0], got[0], atol=2e-4)
-    multi = ev.verdict_logprobs(smollm, convs[:1], letters=("A]]", "B]]"), batch_size=2)
+    text = judging.verdict_prompt(tok, convs[0])
+    np.testing.assert_allclose(
+        judging.continuation_logprobs(smollm, [text], ["A", "B"], batch_size=2)[0], got[0], atol=2e-4
+    )
+    multi = judging.verdict_logprobs(smollm, convs[:1], letters=("A]]", "B]]"), batch_size=2)
     ids = tok(text)["input_ids"]
     for k, cont in enumerate(("A]]", "B]]")):
         full = tok(text + cont)["input_ids"]
@@ -626,11 +630,11 @@ def test_likelihood_judge_matches_transformers(smollm, hf_smollm, gemma):
         ref = hf_logprobs(hf_smollm, full)
         assert multi[0, k] == pytest.approx(ref[len(ids) - 1, full[-2]] + ref[len(ids), full[-1]], abs=1e-3)
     # a judge without a chat template continues the plain transcript
-    assert ev.verdict_prompt(gemma.tokenizer, convs[0]).endswith("\n\nAssistant: [[")
-    assert ev.likelihood_reply([-0.31, -1.42]) == "[[A]] (log p A=-0.3100, B=-1.4200)"
-    assert parse_verdict(ev.likelihood_reply([-2.0, -0.5])) == "B"
+    assert judging.verdict_prompt(gemma.tokenizer, convs[0]).endswith("\n\nAssistant: [[")
+    assert judging.likelihood_reply([-0.31, -1.42]) == "[[A]] (log p A=-0.3100, B=-1.4200)"
+    assert parse_verdict(judging.likelihood_reply([-2.0, -0.5])) == "B"
     with pytest.raises(CmeError, match="not one of generate, likelihood"):
-        ev.local_judge(smollm, verdict="sample")
+        judging.local_judge(smollm, verdict="sample")
 
 
 def outputs_file(path: Path, prompts, outputs, generator: str) -> Path:
@@ -749,7 +753,7 @@ def test_no_judge_end_to_end(tmp_path, prompts, capsys):
     )
     assert (out / "judgments.jsonl").is_file() and (out / "report.png").is_file()
     argv = ["--model", str(model_file), "--baseline", str(base_file), "--prompts", str(prompt_file)]
-    ev.main([*argv, "--no-judge", "--out", str(out)])
+    evaluate_cmd.main([*argv, "--no-judge", "--out", str(out)])
     results = read_json(out / "results.json")
     assert results["judge"] is None and results["model"] == "m" and results["baseline"] == "b"
     for key in ("win_rate_tie_adjusted", "n", "wins", "judge_audit"):
@@ -775,7 +779,7 @@ def test_judge_flags_are_one_line_errors(tmp_path, capsys):
 
     def fails(*argv: str) -> str:
         with pytest.raises(SystemExit) as e:
-            ev.main([*base, *argv])
+            evaluate_cmd.main([*base, *argv])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err

@@ -9,8 +9,7 @@ import pytest
 
 from cme_jax import train as train_mod
 from cme_jax.config import load_config
-from cme_jax.generate import generate_responses
-from cme_jax.sampling import SamplingConfig
+from cme_jax.sampling import SamplingConfig, generate_responses
 from cme_jax.scoring import VerifierConfig, load_verifier, score_texts
 from cme_jax.sources import load_model
 from tests.train_helpers import metric_rows, tiny_config, write_config

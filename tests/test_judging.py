@@ -17,21 +17,19 @@ import types
 import numpy as np
 import pytest
 
-from cme_jax.audit import PreferencePair, shipped_pairs
 from cme_jax.errors import CmeError
-from cme_jax.judging import (
+from cme_jax.eval.audit import PreferencePair, shipped_pairs
+from cme_jax.eval.judging import (
     EARLY_STOP_PAIRS,
     IDENTICAL_NOTE,
     JUDGE_SYSTEM,
     JUDGE_SYSTEM_VERDICT,
     UNPARSED_FOLLOWUP,
     FunctionJudge,
-    JudgmentCache,
     OpenAIJudge,
     PairItem,
     UnusableJudgeError,
     audit_sentence,
-    bootstrap_ci,
     cache_key,
     combine,
     judge_and_report,
@@ -46,6 +44,8 @@ from cme_jax.judging import (
     write_model_outputs,
     write_results,
 )
+from cme_jax.eval.stats import bootstrap_ci
+from cme_jax.files import JsonlCache
 from tests.json_server import JsonServer, send_json
 
 SECRET = "sk-test-SECRET-7f3a9c1e5b"
@@ -294,7 +294,7 @@ def test_judgments_jsonl_preferences_read_by_alpaca_eval(alpaca_metrics, tmp_pat
     """The `preference` column of judgments.jsonl is AlpacaEval's encoding."""
     get_winrate, _ = alpaca_metrics
     items = [PairItem(f"q{i}", "m" * (i % 5 + 1), "b" * 3) for i in range(20)]
-    records = run_pairwise(items, longer_wins_judge(), JudgmentCache(None))
+    records = run_pairwise(items, longer_wins_judge(), JsonlCache(None))
     summary = summarize_records(records)
     write_results(tmp_path, records, summary, "m", "b")
     rows = [json.loads(x) for x in (tmp_path / "judgments.jsonl").read_text().splitlines()]
@@ -389,7 +389,7 @@ def test_run_pairwise_with_function_judge():
         asked.extend(convs)
         return [prefer_longer(m) for m in convs]
 
-    records = run_pairwise(items, FunctionJudge(fn, "j"), JudgmentCache(None))
+    records = run_pairwise(items, FunctionJudge(fn, "j"), JsonlCache(None))
     assert [r.outcome for r in records] == ["win", "loss", "tie", "tie"]
     assert [(r.verdict_model_as_a, r.verdict_model_as_b) for r in records[:3]] == [
         ("A", "B"),
@@ -424,7 +424,7 @@ def test_unparsed_retry_and_count():
         PairItem("ALWAYS q", "x", "yy"),
         PairItem("q", "a", "bb"),
     ]
-    records = run_pairwise(items, FunctionJudge(fn, "j"), JudgmentCache(None), retries_unparsed=2)
+    records = run_pairwise(items, FunctionJudge(fn, "j"), JsonlCache(None), retries_unparsed=2)
     once, always, plain = records
     assert once.outcome == "win"
     assert once.judge_output_model_as_a == ["Both responses have merit.", "[[A]]"]
@@ -438,7 +438,7 @@ def test_unparsed_retry_and_count():
     s = summarize_records(records)
     assert (s["n"], s["unparsed"], s["wins"], s["losses"]) == (2, 1, 1, 1)
     # retries_unparsed=0: no follow-up at all
-    records0 = run_pairwise(items, FunctionJudge(fn, "j2"), JudgmentCache(None), retries_unparsed=0)
+    records0 = run_pairwise(items, FunctionJudge(fn, "j2"), JsonlCache(None), retries_unparsed=0)
     assert [r.outcome for r in records0] == ["unparsed", "unparsed", "loss"]
 
 
@@ -460,31 +460,31 @@ def test_crash_and_resume_function_judge(tmp_path):
 
     path = tmp_path / "cache.jsonl"
     with pytest.raises(RuntimeError):
-        run_pairwise(items, FunctionJudge(fn, "j", batch_size=1), JudgmentCache(path))
-    assert len(JudgmentCache(path)) == 7
+        run_pairwise(items, FunctionJudge(fn, "j", batch_size=1), JsonlCache(path))
+    assert len(JsonlCache(path)) == 7
     budget["left"] = 10**9
-    records = run_pairwise(items, FunctionJudge(fn, "j", batch_size=1), JudgmentCache(path))
+    records = run_pairwise(items, FunctionJudge(fn, "j", batch_size=1), JsonlCache(path))
     assert len(answered) == 20 and len(set(answered)) == 20  # nobody paid twice
-    fresh = run_pairwise(items, longer_wins_judge(), JudgmentCache(None))
+    fresh = run_pairwise(items, longer_wins_judge(), JsonlCache(None))
     assert [r.to_json() for r in records] == [r.to_json() for r in fresh]
 
 
 def test_cache_survives_torn_last_line(tmp_path):
     path = tmp_path / "cache.jsonl"
-    cache = JudgmentCache(path)
+    cache = JsonlCache(path)
     cache.put("k1", "j", "[[A]]")
     with path.open("a") as f:
         f.write('{"key": "k2", "judge": "j", "outp')  # killed mid-write
-    cache = JudgmentCache(path)
+    cache = JsonlCache(path)
     assert cache.skipped_lines == 1 and cache.get("k1") == "[[A]]" and "k2" not in cache
     cache.put("k3", "j", "[[B]]")
-    reloaded = JudgmentCache(path)
+    reloaded = JsonlCache(path)
     assert reloaded.get("k3") == "[[B]]" and reloaded.skipped_lines == 1
 
 
 def test_cache_key_depends_on_judge():
     items = [PairItem("q", "long answer", "short")]
-    cache = JudgmentCache(None)
+    cache = JsonlCache(None)
     run_pairwise(items, longer_wins_judge(), cache)
     calls = []
     other = FunctionJudge(lambda c: calls.extend(c) or ["[[C]]"] * len(c), judge_id="another-judge")
@@ -503,7 +503,7 @@ def test_verdict_only_judge_gets_the_verdict_prompt():
         return [prefer_longer(m) for m in convs]
 
     items = [PairItem("q", "long answer", "s")]
-    records = run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JudgmentCache(None))
+    records = run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JsonlCache(None))
     assert records[0].outcome == "win" and len(seen) == 2
     assert seen[0] == render_pairwise("q", "long answer", "s", verdict_only=True)
     assert seen[1] == render_pairwise("q", "s", "long answer", verdict_only=True)
@@ -514,7 +514,7 @@ def test_verdict_only_judge_gets_the_verdict_prompt():
     assert _outputs(seen[0]) == ("long answer", "s")
     # an explicit verdict_only=False overrides the judge's attribute: the usual prompt, another cache key
     seen.clear()
-    run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JudgmentCache(None), verdict_only=False)
+    run_pairwise(items, FunctionJudge(fn, "v", verdict_only=True), JsonlCache(None), verdict_only=False)
     assert seen[0] == render_pairwise("q", "long answer", "s") and seen[0][0]["content"] == JUDGE_SYSTEM
     assert cache_key("v", seen[0]) != cache_key("v", render_pairwise("q", "long answer", "s", verdict_only=True))
 
@@ -537,7 +537,7 @@ def test_early_stop_on_a_judge_that_never_gives_a_verdict(tmp_path):
     path = tmp_path / "cache.jsonl"
     judge = FunctionJudge(fn, "never-decides", batch_size=4)
     with pytest.raises(UnusableJudgeError) as e:
-        run_pairwise(items, judge, JudgmentCache(path), retries_unparsed=2, early_stop=8)
+        run_pairwise(items, judge, JsonlCache(path), retries_unparsed=2, early_stop=8)
     msg = str(e.value)
     assert isinstance(e.value, CmeError) and "\n" not in msg
     assert "no parseable verdict on 8 of the first 8 pairs" in msg and "before the other 12" in msg
@@ -545,19 +545,19 @@ def test_early_stop_on_a_judge_that_never_gives_a_verdict(tmp_path):
     # only the first 8 pairs were asked: 2 orders x (1 + 2 follow-ups) each, every reply cached
     assert len(asked) == 8 * 2 * 3
     assert {_instruction(m) for m in asked} == {f"q{i}" for i in range(8)}
-    assert len(JudgmentCache(path)) == 48
+    assert len(JsonlCache(path)) == 48
     # a rerun stops the same way from the cache, asking nothing
     asked.clear()
     with pytest.raises(UnusableJudgeError):
-        run_pairwise(items, judge, JudgmentCache(path), retries_unparsed=2, early_stop=8)
+        run_pairwise(items, judge, JsonlCache(path), retries_unparsed=2, early_stop=8)
     assert asked == []
     # off (the default), or no more items than the probe: every pair is judged and reported as unparsed
-    assert all(r.outcome == "unparsed" for r in run_pairwise(items[:8], judge, JudgmentCache(path), early_stop=8))
+    assert all(r.outcome == "unparsed" for r in run_pairwise(items[:8], judge, JsonlCache(path), early_stop=8))
     asked.clear()
-    records = run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=0)
+    records = run_pairwise(items, judge, JsonlCache(None), retries_unparsed=0)
     assert len(asked) == 40 and all(r.outcome == "unparsed" for r in records)
     with pytest.raises(CmeError, match="early_stop must be >= 0"):
-        run_pairwise(items, judge, JudgmentCache(None), early_stop=-1)
+        run_pairwise(items, judge, JsonlCache(None), early_stop=-1)
 
 
 @pytest.mark.parametrize(("bad", "stops"), [(4, False), (5, True)])
@@ -573,10 +573,10 @@ def test_early_stop_needs_more_than_half_unparsed(bad, stops):
     judge = FunctionJudge(fn, "half")
     if stops:
         with pytest.raises(UnusableJudgeError, match=f"on {bad} of the first 8 pairs"):
-            run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=1, early_stop=8)
+            run_pairwise(items, judge, JsonlCache(None), retries_unparsed=1, early_stop=8)
         assert len(asked) == 8 * 2 + bad * 2
     else:
-        records = run_pairwise(items, judge, JudgmentCache(None), retries_unparsed=1, early_stop=8)
+        records = run_pairwise(items, judge, JsonlCache(None), retries_unparsed=1, early_stop=8)
         assert [r.outcome for r in records] == ["unparsed"] * 4 + ["win"] * 4 + ["unparsed"] * 4
         assert len(asked) == 12 * 2 + 8 * 2
 
@@ -604,7 +604,7 @@ def test_judge_audit_hand_computed(tmp_path):
     judge = always_a_judge()
     inner = judge.fn
     judge.fn = lambda convs: asked.extend(convs) or inner(convs)
-    cache = JudgmentCache(tmp_path / "cache.jsonl")
+    cache = JsonlCache(tmp_path / "cache.jsonl")
     a = judge_audit(judge, pairs, cache)
     # always [[A]]: chosen wins when shown first, loses when shown second -> every pair a split (0.5)
     assert (a["pairs"], a["n"], a["unparsed"]) == (6, 6, 0)
@@ -618,7 +618,7 @@ def test_judge_audit_hand_computed(tmp_path):
     assert len(asked) == 12 and len(cache) == 12
     assert judge_audit(judge, pairs, cache) == a and len(asked) == 12  # cached: nothing asked again
 
-    perfect = judge_audit(chosen_judge(pairs), pairs, JudgmentCache(None))
+    perfect = judge_audit(chosen_judge(pairs), pairs, JsonlCache(None))
     assert perfect["accuracy"] == 1.0 and (perfect["ci95_low"], perfect["ci95_high"]) == (1.0, 1.0)
     assert perfect["accuracy_chosen_first"] == perfect["accuracy_chosen_second"] == 1.0
     assert perfect["position_consistency"] == 1.0 and perfect["first_position_rate"] == 0.5
@@ -629,30 +629,30 @@ def test_judge_audit_hand_computed(tmp_path):
         PreferencePair("p1", "terse", "a long rejected answer"),
         PreferencePair("p2", "abcd", "wxyz"),
     ]
-    m = judge_audit(longer_wins_judge(), mixed, JudgmentCache(None))
+    m = judge_audit(longer_wins_judge(), mixed, JsonlCache(None))
     assert m["accuracy"] == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3
     assert m["accuracy_chosen_first"] == pytest.approx(0.5) and m["accuracy_chosen_second"] == pytest.approx(0.5)
     assert m["position_consistency"] == 1.0 and m["first_position_rate"] == 0.5  # 2 of 4 decisive verdicts
     assert m["ci95_low"] < 0.5 < m["ci95_high"]
     json.dumps(a)
     with pytest.raises(CmeError, match="at least one preference pair"):
-        judge_audit(judge, [], JudgmentCache(None))
+        judge_audit(judge, [], JsonlCache(None))
 
 
 def test_judge_audit_stops_early_on_an_unusable_judge():
     asked = []
     judge = FunctionJudge(lambda c: asked.extend(c) or ["Hmm."] * len(c), judge_id="mute")
     with pytest.raises(UnusableJudgeError, match="8 of the first 8 pairs"):
-        judge_audit(judge, shipped_pairs(), JudgmentCache(None), retries_unparsed=1)
+        judge_audit(judge, shipped_pairs(), JsonlCache(None), retries_unparsed=1)
     assert len(asked) == EARLY_STOP_PAIRS * 2 * 2
 
 
 def test_audit_in_results_and_report(tmp_path):
     pairs = shipped_pairs()[:6]
     items = [PairItem("q0", "long model answer", "short"), PairItem("q1", "abc", "xyz")]
-    records = run_pairwise(items, longer_wins_judge(), JudgmentCache(None))
+    records = run_pairwise(items, longer_wins_judge(), JsonlCache(None))
     summary = summarize_records(records)
-    weak = judge_audit(always_a_judge(), pairs, JudgmentCache(None))
+    weak = judge_audit(always_a_judge(), pairs, JsonlCache(None))
     write_results(tmp_path, records, summary, "m", "b", judge_id="prefer-longer", audit=weak)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["judge_audit"] == weak and results["win_rate_tie_adjusted"] == 0.75
@@ -666,7 +666,7 @@ def test_audit_in_results_and_report(tmp_path):
     assert "position consistency 0.0%" in text and "first-shown answer in 100.0%" in text
     assert "cannot reliably tell a better answer from a worse one" in text
 
-    good = judge_audit(chosen_judge(pairs), pairs, JudgmentCache(None))
+    good = judge_audit(chosen_judge(pairs), pairs, JsonlCache(None))
     write_results(tmp_path, records, summary, "m", "b", judge_id="prefer-longer", audit=good)
     text = (tmp_path / "report.md").read_text()
     assert "**100.0%** [100.0%, 100.0%]" in text and "position consistency 100.0%" in text
@@ -793,7 +793,7 @@ def server_reply(messages) -> str:
 def expected_outcomes():
     """Outcomes of HTTP_ITEMS from the same replies without HTTP in between."""
     judge = FunctionJudge(lambda convs: [server_reply(m) for m in convs], judge_id="local")
-    return [r.outcome for r in run_pairwise(HTTP_ITEMS, judge, JudgmentCache(None))]
+    return [r.outcome for r in run_pairwise(HTTP_ITEMS, judge, JsonlCache(None))]
 
 
 def test_http_end_to_end(server, tmp_path, caplog):
@@ -851,7 +851,7 @@ def test_http_retries_on_flaky_server(server, caplog):
     caplog.set_level(logging.WARNING)
     server.mode = "flaky"
     judge = make_judge(server)
-    records = run_pairwise(HTTP_ITEMS, judge, JudgmentCache(None))
+    records = run_pairwise(HTTP_ITEMS, judge, JsonlCache(None))
     assert [r.outcome for r in records] == expected_outcomes()
     # every kind of failure happened and was retried
     assert {0, 500, 429}.issubset(set(server.statuses))
@@ -874,11 +874,11 @@ def test_http_crash_and_resume(server, tmp_path):
     server.down_after = 9
     path = tmp_path / "cache.jsonl"
     with pytest.raises(CmeError):
-        run_pairwise(HTTP_ITEMS, make_judge(server, max_retries=1), JudgmentCache(path))
+        run_pairwise(HTTP_ITEMS, make_judge(server, max_retries=1), JsonlCache(path))
     assert len(server.answered) == 9
-    assert len(JudgmentCache(path)) == 9  # every answered conversation was cached, in-flight ones included
+    assert len(JsonlCache(path)) == 9  # every answered conversation was cached, in-flight ones included
     server.down_after = None
-    records = run_pairwise(HTTP_ITEMS, make_judge(server), JudgmentCache(path))
+    records = run_pairwise(HTTP_ITEMS, make_judge(server), JsonlCache(path))
     assert [r.outcome for r in records] == expected_outcomes()
     assert len(server.answered) == len(set(server.answered)) == 15 * 2 + 2 + 4
     assert SECRET.encode() not in path.read_bytes()

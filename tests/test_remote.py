@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from cme_jax import train as train_mod
-from cme_jax.audit import form_scores, score_forms
 from cme_jax.cli import read_reward_file
 from cme_jax.config import config_yaml, load_config
 from cme_jax.endpoints import Transient
 from cme_jax.errors import CmeError
+from cme_jax.eval.audit import form_scores, score_forms
 from cme_jax.remote import cache_path, response_sums
 from cme_jax.rewards import RewardBatch, RewardConfig, compute_rewards, device_reward_fn
 from cme_jax.score import main as score_main

@@ -575,9 +575,9 @@ def test_commands_and_both_training_paths_give_one_reward(tiny_verifiers, verifi
 
     import yaml
 
-    from cme_jax import evaluate as ev
     from cme_jax import score
-    from cme_jax.audit import combined_forms
+    from cme_jax.eval import evaluation as ev
+    from cme_jax.eval.audit import combined_forms
     from cme_jax.rewards import text_inputs
 
     policy = tiny_verifiers[0]

@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from cme_jax.rewrites import (
+from cme_jax.eval.rewrites import (
     EMPTY_STANDIN,
     FILLERS_EN,
     FILLERS_ZH,

@@ -19,7 +19,6 @@ from tiny_hf import hf_logits, left_padded_batch, tiny_model, tiny_tokenizer
 
 from cme_jax import sampling
 from cme_jax.errors import CmeError
-from cme_jax.generate import generate_responses
 from cme_jax.models.logprobs import token_logprobs
 from cme_jax.models.sharding import batch_sharding, make_mesh, weight_shardings
 from cme_jax.sampling import (
@@ -27,6 +26,7 @@ from cme_jax.sampling import (
     cache_stages,
     decode_responses,
     draw,
+    generate_responses,
     prepare_decode,
     response_token_lists,
     sample_jit,

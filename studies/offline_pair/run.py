@@ -122,7 +122,7 @@ def train_arm(arm: str, cfg: dict[str, Any], out: Path) -> float:
 
 def eval_prompts(cfg: Mapping[str, Any], limit: int | None) -> list[Any]:
     """The trainer's held-out split of its prompt source plus the study's own held-out set (never trained on)."""
-    from cme_jax import evaluate as ev
+    from cme_jax.eval import evaluation as ev
 
     data = cfg["data"]
     split = ev.load_eval_prompts(data["source"], heldout_fraction=data["heldout_fraction"])
@@ -139,7 +139,7 @@ def evaluate_arm(
     shared: dict[str, Any],
 ) -> float:
     """Greedy (judged) and sampled evaluations of the arm's final policy against the base; returns the wall time."""
-    from cme_jax import evaluate as ev
+    from cme_jax.eval import evaluation as ev
     from cme_jax.sampling import SamplingConfig
     from cme_jax.scoring import VerifierConfig
 
@@ -452,8 +452,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def setup_evaluation(cfg: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """What every arm's evaluation shares: prompts, the loaded base model, the judge and its audit size."""
-    from cme_jax import evaluate as ev
-    from cme_jax.audit import shipped_pairs
+    from cme_jax.eval import judging
+    from cme_jax.eval.audit import shipped_pairs
     from cme_jax.sources import load_model
 
     prompts = eval_prompts(cfg, args.eval_limit)
@@ -466,9 +466,9 @@ def setup_evaluation(cfg: Mapping[str, Any], args: argparse.Namespace) -> dict[s
         # that removes this is estimated without labels from the audit pairs shown both ways.
         judge_model = load_model(args.judge)
         pairs = shipped_pairs()[: max(args.judge_audit, 8)]
-        bias = ev.likelihood_bias(judge_model, pairs)
+        bias = judging.likelihood_bias(judge_model, pairs)
         say(f"judge {args.judge}: position bias log p(A) - log p(B) = {bias:.4f} (median over {2 * len(pairs)} orders)")
-        judge = ev.local_judge(judge_model, verdict="likelihood", batch_size=8, bias=bias)
+        judge = judging.local_judge(judge_model, verdict="likelihood", batch_size=8, bias=bias)
     (args.results / "judge.json").write_text(
         json.dumps({"judge": args.judge, "verdict": "likelihood", "bias": bias}) + "\n"
     )

@@ -43,20 +43,41 @@ import logging
 import math
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from cme_jax.checkpoint import model_source
 from cme_jax.endpoints import JsonEndpoint, Transient, map_concurrently
 from cme_jax.errors import CmeError
+from cme_jax.eval.stats import bootstrap_ci, pct
+from cme_jax.files import JsonlCache
+from cme_jax.sampling import SamplingConfig, generate_responses
+from cme_jax.scoring import VerifierDtype
+from cme_jax.sources import LoadedModel
+from cme_jax.tokens import VERBATIM_TEMPLATE, Message, has_chat_template, render_conversation
+
+VerdictMode = Literal["generate", "likelihood"]
+
+
+VERDICT_MODES: tuple[VerdictMode, ...] = ("generate", "likelihood")
+
+
+# The likelihood verdict: the judge's assistant turn is prefilled with this, and the verdict is whichever
+# letter is the likelier next token.
+VERDICT_PREFILL = "[["
+
+
+VERDICT_LETTERS = ("A", "B")
+
+
+_VERDICT_JITS: dict[str, Any] = {}
 
 log = logging.getLogger(__name__)
 
 Verdict = Literal["A", "B", "C"]
-Message = dict[str, str]
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -177,21 +198,6 @@ def alpaca_preference(score: float) -> float:
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def bootstrap_ci(
-    scores: Sequence[float], *, seed: int = 0, n_boot: int = 2000, level: float = 0.95
-) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean score, resampling prompts; None when there are none."""
-    x = np.asarray(scores, dtype=np.float64)
-    if x.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    means = x[idx].mean(axis=1)
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(low), float(high)
 
 
 def summarize(
@@ -382,60 +388,6 @@ def cache_key(judge_id: str, messages: list[Message]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-class JudgmentCache:
-    """Append-only JSONL of finished judge replies, keyed by `cache_key`; loaded at start, written per reply.
-
-    Each line is `{"key", "judge", "output"}`; prompts are not stored (the hash suffices). A torn last
-    line from a crash mid-write is skipped. `path=None` keeps the cache in memory only.
-    """
-
-    def __init__(self, path: str | os.PathLike[str] | None):
-        self.path = Path(path) if path is not None else None
-        self._data: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self.skipped_lines = 0
-        # A run killed mid-line leaves no final newline: the next append must start a fresh line.
-        self._needs_newline = False
-        if self.path is not None and self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open("rb") as fb:
-                fb.seek(-1, os.SEEK_END)
-                self._needs_newline = fb.read(1) != b"\n"
-            with self.path.open(encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                        self._data[row["key"]] = row["output"]
-                    except (ValueError, KeyError, TypeError):
-                        self.skipped_lines += 1
-            if self.skipped_lines:
-                log.warning("judgment cache %s: skipped %d unreadable lines", self.path, self.skipped_lines)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._data
-
-    def get(self, key: str) -> str | None:
-        """The cached reply for a key, or None."""
-        return self._data.get(key)
-
-    def put(self, key: str, judge_id: str, output: str) -> None:
-        """Record a reply in memory and append it to the file at once, so a crash loses nothing."""
-        with self._lock:
-            if key in self._data:
-                return
-            self._data[key] = output
-            if self.path is None:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"key": key, "judge": judge_id, "output": output}, ensure_ascii=False)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(("\n" if self._needs_newline else "") + line + "\n")
-                f.flush()
-            self._needs_newline = False
-
-
 # ----------------------------------------------------------------------------- pairwise runs
 
 
@@ -510,7 +462,7 @@ class UnusableJudgeError(CmeError):
 def run_pairwise(
     items: Sequence[PairItem],
     judge: Judge,
-    cache: JudgmentCache,
+    cache: JsonlCache,
     *,
     retries_unparsed: int = 2,
     tie_identical: bool = True,
@@ -595,7 +547,7 @@ def _judge_rounds(
     replies: dict[tuple[int, int], list[str]],
     verdicts: dict[tuple[int, int], Verdict | None],
     judge: Judge,
-    cache: JudgmentCache,
+    cache: JsonlCache,
     retries_unparsed: int,
 ) -> None:
     """The rounds of `run_pairwise` for some (item, order) keys; fills `replies` and `verdicts` in place."""
@@ -658,7 +610,7 @@ def summarize_records(
 
 
 class PreferenceLike(Protocol):
-    """A prompt with a better (`chosen`) and a worse (`rejected`) response, e.g. `cme_jax.audit.PreferencePair`."""
+    """A prompt with a better (`chosen`) and a worse (`rejected`) response, e.g. `cme_jax.eval.audit.PreferencePair`."""
 
     @property
     def prompt(self) -> str: ...
@@ -673,7 +625,7 @@ class PreferenceLike(Protocol):
 def judge_audit(
     judge: Judge,
     pairs: Sequence[PreferenceLike],
-    cache: JudgmentCache,
+    cache: JsonlCache,
     *,
     retries_unparsed: int = 2,
     early_stop: int = EARLY_STOP_PAIRS,
@@ -727,10 +679,10 @@ def audit_sentence(audit: Mapping[str, Any]) -> str:
     acc, lo, hi = audit["accuracy"], audit["ci95_low"], audit["ci95_high"]
     text = (
         f"**Judge audit:** judge accuracy on {audit['n']} {what} (the better answer preferred, both orders, "
-        f"split verdicts half): **{_pct(acc)}** [{_pct(lo)}, {_pct(hi)}]; with the better answer shown first "
-        f"{_pct(audit['accuracy_chosen_first'])}, second {_pct(audit['accuracy_chosen_second'])}; position "
-        f"consistency {_pct(audit['position_consistency'])}; picks the first-shown answer in "
-        f"{_pct(audit['first_position_rate'])} of decisive verdicts"
+        f"split verdicts half): **{pct(acc)}** [{pct(lo)}, {pct(hi)}]; with the better answer shown first "
+        f"{pct(audit['accuracy_chosen_first'])}, second {pct(audit['accuracy_chosen_second'])}; position "
+        f"consistency {pct(audit['position_consistency'])}; picks the first-shown answer in "
+        f"{pct(audit['first_position_rate'])} of decisive verdicts"
     )
     if audit["unparsed"]:
         text += f"; {audit['unparsed']} of {audit['pairs']} pairs unparsed"
@@ -811,11 +763,6 @@ def pair_items(model_rows: Iterable[Mapping[str, Any]], base_rows: Iterable[Mapp
     return items
 
 
-def _pct(x: float | None) -> str:
-    """A rate as a percentage with one decimal, or n/a."""
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _report_md(
     records: Sequence[PairRecord],
     s: dict[str, Any],
@@ -831,8 +778,8 @@ def _report_md(
         sentence = (
             f"Judged in both orders{f' by `{judge}`' if judge else ''}, **{model}** beats **{base}** on "
             f"{s['wins']} of {s['n']} prompts, ties {s['ties']} and loses {s['losses']}: a tie-adjusted "
-            f"win rate of **{_pct(s['win_rate_tie_adjusted'])}** (95% bootstrap interval "
-            f"{_pct(s['ci95_low'])} to {_pct(s['ci95_high'])})."
+            f"win rate of **{pct(s['win_rate_tie_adjusted'])}** (95% bootstrap interval "
+            f"{pct(s['ci95_low'])} to {pct(s['ci95_high'])})."
         )
     else:
         sentence = f"No pair could be scored: the judge gave no usable verdict on any of {s['n_total']} prompts."
@@ -854,10 +801,10 @@ def _report_md(
         f"| ties (incl. split verdicts) | {s['ties']} |",
         f"| losses | {s['losses']} |",
         f"| unparsed | {s['unparsed']} |",
-        f"| win rate, tie-adjusted | {_pct(s['win_rate_tie_adjusted'])} |",
-        f"| 95% CI (bootstrap over prompts) | {_pct(s['ci95_low'])} to {_pct(s['ci95_high'])} |",
-        f"| position consistency | {_pct(s['position_consistency'])} |",
-        f"| judge picks the first-shown output | {_pct(s.get('first_position_rate'))} |",
+        f"| win rate, tie-adjusted | {pct(s['win_rate_tie_adjusted'])} |",
+        f"| 95% CI (bootstrap over prompts) | {pct(s['ci95_low'])} to {pct(s['ci95_high'])} |",
+        f"| position consistency | {pct(s['position_consistency'])} |",
+        f"| judge picks the first-shown output | {pct(s.get('first_position_rate'))} |",
         f"| mean length, {model} ({unit}) | {_num(s['model_mean_length'])} |",
         f"| mean length, {base} ({unit}) | {_num(s['base_mean_length'])} |",
         "",
@@ -927,8 +874,7 @@ def _report_png(path: Path, records: Sequence[PairRecord], s: dict[str, Any], mo
     ax1.set_ylim(0, max(1, *counts) * 1.12)  # room for the count labels above the bars
     ax1.set_ylabel("prompts")
     ax1.set_title(
-        f"{model} vs {base}\nwin rate {_pct(s['win_rate_tie_adjusted'])} "
-        f"[{_pct(s['ci95_low'])}, {_pct(s['ci95_high'])}]",
+        f"{model} vs {base}\nwin rate {pct(s['win_rate_tie_adjusted'])} [{pct(s['ci95_low'])}, {pct(s['ci95_high'])}]",
         fontsize=10,
     )
     ml = np.array([r.model_length for r in records], dtype=float)
@@ -997,10 +943,289 @@ def judge_and_report(
 
     `early_stop` is `run_pairwise`'s; `audit` (a `judge_audit` result) is written beside the win rate.
     """
-    cache = JudgmentCache(cache_path if cache_path is not None else Path(out_dir) / "judge_cache.jsonl")
+    cache = JsonlCache(cache_path if cache_path is not None else Path(out_dir) / "judge_cache.jsonl")
     records = run_pairwise(
         items, judge, cache, retries_unparsed=retries_unparsed, length_fn=length_fn, early_stop=early_stop
     )
     summary = summarize_records(records, seed=seed, n_boot=n_boot, length_unit=length_unit)
     write_results(out_dir, records, summary, model_name, base_name, judge_id=judge.judge_id, audit=audit)
     return summary
+
+
+def chat_replies(
+    model: LoadedModel,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy replies of a model to chat conversations, generated with the jitted sampler."""
+    if not conversations:
+        return []
+    tok = model.tokenizer
+    texts = [render_conversation(tok, conv) for conv in conversations]
+    room = model.cfg.max_position - max_new_tokens
+    for i, text in enumerate(texts):
+        n = len(tok(text)["input_ids"])  # as the sampler encodes a plain prompt
+        if n > room:
+            raise CmeError(
+                f"judge conversation {i} has {n} tokens, more than the {room} that fit beside {max_new_tokens} new "
+                f"tokens in {model.spec}'s {model.cfg.max_position}-token context; lower --max-new-tokens or "
+                "--judge-max-tokens, or use a judge with a longer context"
+            )
+    # A full batch every call: one compiled program per prompt-length bucket, whatever the call's size.
+    padded = texts + [texts[-1]] * max(0, batch_size - len(texts))
+    out = generate_responses(
+        model,
+        padded,
+        SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
+        fmt="plain",
+        template=VERBATIM_TEMPLATE,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [samples[0]["response"].strip() for samples in out[: len(texts)]]
+
+
+def verdict_prompt(tokenizer: Any, messages: Sequence[Message], prefill: str = VERDICT_PREFILL) -> str:
+    """The conversation as the judge continues it (`render_conversation`), its reply prefilled with `prefill`.
+
+    A chat template's generation prompt opens the assistant turn, so the prefill follows it directly; the
+    plain transcript of a model without a template ends in "Assistant:", so a space comes first.
+    """
+    text = render_conversation(tokenizer, messages)
+    return text + (prefill if has_chat_template(tokenizer) else " " + prefill)
+
+
+def _next_token_logprobs(weights: Any, cfg: Any, tokens_BxT: Any, mask_BxT: Any, ids_BxK: Any) -> Any:
+    """log p(ids[b, k]) as the token after each left-padded row: float32 [B, K]; the head runs at one position."""
+    import jax
+
+    from cme_jax.models.transformer import default_positions, forward_hidden, logits_from_hidden
+
+    h, _ = forward_hidden(weights, cfg, tokens_BxT, default_positions(mask_BxT), mask_BxT)
+    logits_BxV = logits_from_hidden(weights, cfg, h[:, -1:])[:, 0]
+    logp_BxV = logits_BxV - jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    return jax.numpy.take_along_axis(logp_BxV, ids_BxK, axis=1)
+
+
+def _tail_logprob_sums(weights: Any, cfg: Any, tokens_BxT: Any, mask_BxT: Any, tail_BxM: Any) -> Any:
+    """Summed log-probs of the tokens in the last M columns where `tail` is True: float32 [B]."""
+    from cme_jax.models.logprobs import hidden_token_stats
+    from cme_jax.models.transformer import default_positions, forward_hidden
+
+    T, M = tokens_BxT.shape[1], tail_BxM.shape[1]
+    h, _ = forward_hidden(weights, cfg, tokens_BxT, default_positions(mask_BxT), mask_BxT)
+    logp = hidden_token_stats(weights, cfg, h[:, T - M - 1 : T - 1], tokens_BxT[:, T - M :])["logp"]
+    return (logp * tail_BxM).sum(axis=1)
+
+
+def _verdict_jit(name: str) -> Any:
+    """The jitted forms of the two functions above, built once (jax imports lazily in this module)."""
+    if name not in _VERDICT_JITS:
+        import jax
+
+        fn = {"next": _next_token_logprobs, "tail": _tail_logprob_sums}[name]
+        _VERDICT_JITS[name] = jax.jit(fn, static_argnames=("cfg",))
+    return _VERDICT_JITS[name]
+
+
+def _batched_rows(rows: Sequence[Sequence[int]], batch_size: int) -> list[tuple[list[int], list[list[int]]]]:
+    """(row indices, rows padded with repeats to batch_size) per batch, rows sorted by length first."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = []
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        batch = [list(rows[i]) for i in idx]
+        out.append((idx, batch + [batch[-1]] * (batch_size - len(batch))))
+    return out
+
+
+def continuation_logprobs(
+    model: LoadedModel, texts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8
+) -> np.ndarray:
+    """Summed log-prob of each continuation's tokens after each text, float64 [len(texts), len(continuations)].
+
+    Each text + continuation is encoded whole (as the sampler encodes a plain prompt); the continuation's
+    tokens are those after the longest prefix the encodings of all continuations share, so every
+    continuation of a text is scored after the same context even when a letter merges with the text's
+    last characters. One row per (text, continuation); left-padded batches of `batch_size` rows.
+    """
+    if batch_size < 1:
+        raise CmeError(f"batch size must be >= 1, got {batch_size}")
+    from cme_jax.tokens import bucket_length, left_pad, pad_id
+
+    tok, K = model.tokenizer, len(continuations)
+    rows: list[list[int]] = []
+    tails: list[int] = []
+    for i, text in enumerate(texts):
+        seqs = [list(tok(text + c)["input_ids"]) for c in continuations]
+        common = _common_prefix(seqs)
+        _check_fits(model, i, max(len(q) for q in seqs))
+        if common == 0 or any(len(q) == common for q in seqs):
+            raise CmeError(f"judge conversation {i}: the continuations {list(continuations)} share no context")
+        rows += seqs
+        tails += [len(q) - common for q in seqs]
+    out = np.zeros(len(rows), np.float64)
+    fn = _verdict_jit("tail")
+    for idx, batch in _batched_rows(rows, batch_size):
+        T = bucket_length(max(len(r) for r in batch))
+        tail_len = [tails[i] for i in idx] + [tails[idx[-1]]] * (batch_size - len(idx))
+        M = min(bucket_length(max(tail_len), minimum=4), T - 1)
+        toks, mask = left_pad(batch, T, pad_id(tok))
+        tail = np.arange(M)[None, :] >= (M - np.asarray(tail_len))[:, None]
+        sums = np.asarray(fn(model.weights, model.cfg, toks, mask, tail))
+        out[idx] = sums[: len(idx)]
+    return out.reshape(len(texts), K)
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(q) for q in seqs)
+    for j in range(n):
+        if len({q[j] for q in seqs}) > 1:
+            return j
+    return n
+
+
+def _check_fits(model: LoadedModel, i: int, n: int) -> None:
+    if n > model.cfg.max_position:
+        raise CmeError(
+            f"judge conversation {i} has {n} tokens, more than {model.spec}'s {model.cfg.max_position}-token "
+            "context; use a judge with a longer context or shorter outputs"
+        )
+
+
+def verdict_logprobs(
+    model: LoadedModel,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    letters: Sequence[str] = VERDICT_LETTERS,
+    prefill: str = VERDICT_PREFILL,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """log p of each letter as the judge's next token after its reply is prefilled: float64 [N, len(letters)].
+
+    Each conversation is rendered with `verdict_prompt`. When every letter is one token after a context all
+    letters share (true for SmolLM2's and Gemma 3's tokenizers after "[["), one forward per conversation
+    gives all letters, the vocabulary head running at the last position only; left-padded batches are padded
+    with repeats to `batch_size` rows, so there is one compilation per length bucket. Conversations where a
+    letter is several tokens fall back to `continuation_logprobs` (summed log-prob of each letter's tokens).
+    """
+    if batch_size < 1:
+        raise CmeError(f"batch size must be >= 1, got {batch_size}")
+    from cme_jax.tokens import bucket_length, left_pad, pad_id
+
+    tok = model.tokenizer
+    texts = [verdict_prompt(tok, conv, prefill) for conv in conversations]
+    out = np.zeros((len(texts), len(letters)), np.float64)
+    fast: list[int] = []
+    contexts: list[list[int]] = []
+    letter_ids: list[list[int]] = []
+    slow: list[int] = []
+    for i, text in enumerate(texts):
+        seqs = [list(tok(text + letter)["input_ids"]) for letter in letters]
+        common = _common_prefix(seqs)
+        if common > 0 and all(len(q) == common + 1 for q in seqs):
+            _check_fits(model, i, common + 1)
+            fast.append(i)
+            contexts.append(seqs[0][:common])
+            letter_ids.append([q[common] for q in seqs])
+        else:
+            slow.append(i)
+    fn = _verdict_jit("next")
+    for idx, batch in _batched_rows(contexts, batch_size):
+        toks, mask = left_pad(batch, bucket_length(max(len(r) for r in batch)), pad_id(tok))
+        ids = np.asarray([letter_ids[j] for j in idx] + [letter_ids[idx[-1]]] * (batch_size - len(idx)), np.int32)
+        logp = np.asarray(fn(model.weights, model.cfg, toks, mask, ids))
+        out[[fast[j] for j in idx]] = logp[: len(idx)]
+    if slow:
+        out[slow] = continuation_logprobs(model, [texts[i] for i in slow], letters, batch_size=batch_size)
+    return out
+
+
+def likelihood_reply(logp: Sequence[float], letters: Sequence[str] = VERDICT_LETTERS, bias: float = 0.0) -> str:
+    """The reply text of a likelihood verdict, e.g. `[[A]] (log p A=-0.3100, B=-1.4200)`; the first of equals wins.
+
+    With two letters and a `bias`, the first letter wins only when log p(first) - log p(second) > bias (a
+    judge's calibrated position preference, see `likelihood_bias`); the bias is part of the reply.
+    """
+    logp = np.asarray(logp, np.float64)
+    if len(letters) == 2 and bias:
+        best = 0 if logp[0] - logp[1] > bias else 1
+    else:
+        best = int(np.argmax(logp))
+    numbers = ", ".join(f"{letter}={lp:.4f}" for letter, lp in zip(letters, logp))
+    return f"[[{letters[best]}]] (log p {numbers}" + (f"; bias {bias:.4f})" if bias else ")")
+
+
+def likelihood_bias(model: LoadedModel, pairs: Sequence[Any], *, batch_size: int = 8) -> float:
+    """A likelihood judge's position preference, estimated without labels: the median of log p(A) - log p(B)
+    over the verdict-only conversations of every pair in both orders.
+
+    Each pair is shown both ways, so a judge without position preference has a median near 0; subtracting the
+    median makes half of these verdicts A and half B. Small judges prefer the first answer so strongly that an
+    uncalibrated likelihood judge answers A to everything.
+    """
+    conversations = [
+        render_pairwise(p.prompt, a, b, verdict_only=True)
+        for p in pairs
+        for a, b in ((p.chosen, p.rejected), (p.rejected, p.chosen))
+    ]
+    logp = verdict_logprobs(model, conversations, batch_size=batch_size)
+    return float(np.median(logp[:, 0] - logp[:, 1]))
+
+
+def local_judge(
+    model: LoadedModel | str,
+    *,
+    verdict: VerdictMode = "generate",
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    dtype: VerifierDtype = "auto",
+    progress: bool = False,
+    bias: float = 0.0,
+) -> FunctionJudge:
+    """A judge run in JAX by any model cme_jax loads (a spec, `RUN_DIR[@STEP]`, or a loaded model).
+
+    `verdict="generate"`: the judge writes its reply greedily (up to `max_new_tokens`) and the verdict is
+    parsed from it. `verdict="likelihood"`: the judge is asked for the verdict only, its reply is prefilled
+    with "[[" and the verdict is whichever of A and B is the likelier next token (`verdict_logprobs`); the
+    reply text is `likelihood_reply`'s, so it always parses and judgments.jsonl keeps both log-probs; `bias`
+    (from `likelihood_bias`) is subtracted from log p(A) - log p(B) to remove the judge's position preference.
+    A spec is loaded on the first judging call, so a fully cached evaluation never loads it.
+    """
+    if verdict not in VERDICT_MODES:
+        raise CmeError(f"judge verdict {verdict!r} is not one of {', '.join(VERDICT_MODES)}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise CmeError("the judge's max new tokens and batch size must be >= 1")
+    if isinstance(model, str):
+        source, loader, _ = model_source(model, dtype)
+        holder: list[LoadedModel] = []
+
+        def get() -> LoadedModel:
+            if not holder:
+                holder.append(loader())
+            return holder[0]
+    else:
+        source, loaded = model.spec, model
+
+        def get() -> LoadedModel:
+            return loaded
+
+    if verdict == "likelihood":
+
+        def likelihood(conversations: Sequence[list[Message]]) -> list[str]:
+            logp = verdict_logprobs(get(), conversations, batch_size=batch_size)
+            return [likelihood_reply(row, bias=bias) for row in logp]
+
+        judge_id = f"cme_jax-local|{source}|likelihood|prefill={VERDICT_PREFILL}|letters={','.join(VERDICT_LETTERS)}"
+        if bias:
+            judge_id += f"|bias={bias:.6f}"
+        return FunctionJudge(likelihood, judge_id=judge_id, batch_size=batch_size, verdict_only=True)
+
+    def fn(conversations: Sequence[list[Message]]) -> list[str]:
+        return chat_replies(get(), conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    judge_id = f"cme_jax-local|{source}|greedy|max_new_tokens={max_new_tokens}"
+    return FunctionJudge(fn, judge_id=judge_id, batch_size=batch_size)
