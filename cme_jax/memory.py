@@ -641,21 +641,22 @@ def verdict_text(p: Plan) -> str:
 
 def format_plan(p: Plan, title: str, fix: str | None = None) -> str:
     """The table a person reads: every line with its bytes and what it holds, the peak and the verdict."""
+    w = max(26, *(len(line.name) for line in p.lines))
     out = [
         title,
         f"  mesh data={p.mesh[0]} fsdp={p.mesh[1]} tensor={p.mesh[2]} on {p.devices} {p.platform} "
         f"device(s), compute {p.compute_dtype}",
         f"  {p.shapes}",
         "",
-        f"  {'per device':28} {'GiB':>8}  holds",
+        f"  {'per device':{w + 2}} {'GiB':>8}  holds",
     ]
     for phase in ("persistent", *PHASES):
         rows = [line for line in p.lines if line.phase == phase]
         if not rows:
             continue
         mark = " <- peak" if phase == p.peak_phase else ""
-        out.append(f"  {phase:28} {_gib(p.total(phase)):>8}{mark}")
-        out.extend(f"    {line.name:26} {_gib(line.bytes):>8}  {line.detail}" for line in rows)
+        out.append(f"  {phase:{w + 2}} {_gib(p.total(phase)):>8}{mark}")
+        out.extend(f"    {line.name:{w}} {_gib(line.bytes):>8}  {line.detail}" for line in rows)
     out.append("")
     out.append(
         f"  peak = persistent {_gib(p.persistent)} + {p.peak_phase} {_gib(p.total(p.peak_phase))} = "
