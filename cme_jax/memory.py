@@ -81,7 +81,9 @@ HEADROOM = 0.10
 # JAX preallocates this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
 JAX_GPU_FRACTION = 0.75
 # Mesh axes that split the update's rows: the model places its activations by the rules, which give the batch axis
-# data and fsdp (the model width then stays whole: fsdp went to the rows), so fsdp splits rows as data does.
+# data and fsdp (the model width then stays whole: fsdp went to the rows), so fsdp splits rows as data does (XLA on
+# 8 CPU devices, same model and batch, remat none: 72.9 MiB of update temporaries on fsdp=8, 86.9 MiB on data=8,
+# the difference being the float32 gradients fsdp shards).
 UPDATE_ROW_AXES = ("data", "fsdp")
 GiB = 2**30
 
