@@ -8,35 +8,42 @@ verifier scoring, the update), each estimated by the formulas below; the peak is
 largest phase.
 
 Formulas (bytes per device; b = bytes of the compute dtype; D model width, L layers, N and K query and key/value
-heads of size H, F MLP width, V vocabulary; t the tensor-parallel size divides N, K, F and V where it divides them;
-P the prompt bucket of data.max_prompt_tokens, n = sampling.max_new_tokens, T = P + n):
+heads of size H, F MLP width, V vocabulary; t the tensor-parallel size divides N, K, F and V where it divides them
+(fewer K/V heads than t stay whole); P the prompt bucket of data.max_prompt_tokens, n = sampling.max_new_tokens,
+T = P + n). The model places activations by the rules table: rows over data x fsdp, the model width whole.
 
-    sampling   KV cache     2 L R_s K H b (S + S_prev) + 2 L B_s K H b P   (S = P + n; S_prev = the previous cache
-                            stage, alive while the cache grows; the prompt cache before it is copied per sample)
+    sampling   KV cache     2 L R_s K H b S + 2 L B_s K H b P   (S = P + n; the prompts' cache before it is copied
+                            per sample)
                weights      the compute-dtype copy (when the master weights are float32 and compute is not) plus the
-                            per-layer decode copy of the layer weights (GPUs and CPUs; TPUs decode stacked layers);
-                            with LoRA, one copy of the layers with the adapters merged; one gathered layer under fsdp
+                            decode copy of the layers in the layout the sampler picks (per-layer on GPUs, fused on
+                            CPUs, none on TPUs, which decode stacked layers); with LoRA, one copy of the layers with
+                            the adapters merged
+               gathered     under fsdp, decode steps read whole weights: the LM head and (per-layer layouts) every
+                            layer gathered once per call, plus one layer for the prefill
                decode tmp   12 V R_s (float32 logits, exponentials, filter of one step) + prefill of B_s prompts
-    scoring    per verifier, a forward over one block of ~4096 tokens (scoring.DEFAULT_BLOCK_TOKENS):  fwd(rows, T_v)
+    scoring    per verifier, a forward over one block of ~4096 tokens (scoring.DEFAULT_BLOCK_TOKENS):  fwd(rows, T_v);
+               a served verifier runs on its server and takes nothing here
     update     gradients    float32 trainable weights, twice with micro-batches (accumulator + current); the
-                            compute-dtype copy of the weights the loss reads
-               activations  max(backward of one micro-batch, fwd over all rows for the reference / old log-probs,
-                            the optimizer's float32 update tree, which lives after the backward)
+                            compute-dtype copy of the weights the loss reads; under fsdp one layer and the LM head
+                            gathered in the compute dtype with their float32 gradients before the reduce-scatter
+               activations  max(backward of one micro-batch, fwd over all rows for the reference log-probs
+                            (grpo.beta > 0) or the old ones (grpo.old_logp=recompute with more than one optimizer
+                            update), the optimizer's float32 update tree, which lives after the backward)
       backward  = r T L s_saved + max(r T s_recompute + 12 r N T^2, 12 min(r n V, 2^24)) + r T D (b + 4)
       s_layer   = b (5 D + 4 N H + 3 K H + 7 F) + 8 D    saved per token and layer without remat (fitted to XLA's
                                                         memory analysis of the update on the CPU, float32)
       s_saved   = s_layer (remat none) | b D (full: the layer input) | b (3 D + N H + 2 K H + 2 F) (dots)
       s_recompute = 0 (none) | s_layer (full, dots: one layer is rematerialised at a time)
       fwd(rows, T) = 2 rows T D b + max(rows T b (N H + 2 K H + 3 F), 8 rows N T^2, 8 min(rows n V, 2^24))
-    with R_s = rows per device while sampling (split over data x fsdp), r and R_u = rows per device of one
-    micro-batch and of the whole batch in the update (split over mesh.data only, with D split over fsdp: see
-    UPDATE_ROW_AXES; two micro-batches count as one, see `activation_micro_batches`).
+    with R_s and R_u = rows per device while sampling and in the update, r = rows per device of one micro-batch
+    (all split over data x fsdp: UPDATE_ROW_AXES); every micro-batch runs the same forward and backward, one after
+    another.
 
-Against XLA's memory analysis of the compiled sampling and update programs on 8 CPU devices in float32, the plan
-is 0.93x-1.13x on data-parallel meshes (remat none, full, dots; micro-batches) and 1.24x-1.50x for the update on
-fsdp meshes without micro-batches; the demo's planned peak is 4.42 GiB against 4.25 GiB measured
-(tests/test_memory.py). bfloat16 activations on accelerators are counted at b = 2 bytes, which the CPU cannot
-check (it computes bfloat16 in float32).
+Against XLA's memory analysis of the compiled sampling and update programs on 8 CPU devices in float32 (two model
+shapes, six meshes of data, fsdp and tensor, remat none/dots/full, 1, 2 and 4 micro-batches, 32 to 128 new
+tokens), the plan is 0.95x-1.21x for sampling and 0.90x-1.39x for the update (0.98x-1.16x on meshes without
+fsdp); the demo's planned peak is 4.42 GiB against 4.25 GiB measured (tests/test_memory.py). bfloat16 activations
+on accelerators are counted at b = 2 bytes, which the CPU cannot check (it computes bfloat16 in float32).
 """
 
 from __future__ import annotations
@@ -55,11 +62,11 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from cme_jax import configtools
 from cme_jax.config import TrainConfig, check_mesh_fits, step_config
 from cme_jax.errors import CmeError
+from cme_jax.models import decode_layout
 from cme_jax.models.logprobs import DEFAULT_CHUNK_ELEMENTS
 from cme_jax.models.lora import abstract_adapters
 from cme_jax.models.sharding import MESH_AXES, is_spec, param_shardings, weight_shardings
 from cme_jax.models.transformer import ModelConfig, abstract
-from cme_jax.sampling import cache_stages
 from cme_jax.scoring import DEFAULT_BLOCK_TOKENS
 from cme_jax.tokens import bucket_length
 from cme_jax.train_step import init_state, make_optimizer, state_shardings
@@ -73,11 +80,11 @@ Verdict = Literal["fits", "tight", "does not fit", "unknown"]
 HEADROOM = 0.10
 # JAX preallocates this share of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
 JAX_GPU_FRACTION = 0.75
-# Mesh axes that split the update's rows. With the weights sharded over fsdp and no constraint on the activations,
-# XLA splits the update's residual stream over fsdp along the model width and keeps every row on every fsdp device,
-# the MLP's full-width activations included (8 CPU devices, same batch: fsdp=8 holds 2.6x the update temporaries
-# of data=8). The sampler constrains its rows to data and fsdp, and they do split there.
-UPDATE_ROW_AXES = ("data",)
+# Mesh axes that split the update's rows: the model places its activations by the rules, which give the batch axis
+# data and fsdp (the model width then stays whole: fsdp went to the rows), so fsdp splits rows as data does (XLA on
+# 8 CPU devices, same model and batch, remat none: 72.9 MiB of update temporaries on fsdp=8, 86.9 MiB on data=8,
+# the difference being the float32 gradients fsdp shards).
+UPDATE_ROW_AXES = ("data", "fsdp")
 GiB = 2**30
 
 
@@ -101,10 +108,10 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """Architectures of the policy and of each verifier (in reward.verifiers order)."""
+    """Architectures of the policy and of each verifier (in reward.verifiers order; None for a served one)."""
 
     policy: ModelConfig
-    verifiers: tuple[ModelConfig, ...] = ()
+    verifiers: tuple[ModelConfig | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +159,8 @@ class Plan:
 
 
 def read_models(cfg: TrainConfig, config_dir: str | Path | None = None) -> Models:
-    """Architectures of the run's models from their configs alone (no weights are read or downloaded)."""
+    """Architectures of the run's models from their configs alone (no weights are read or downloaded); a served
+    verifier's is not read (its server holds the model)."""
     from cme_jax.sources import architecture
 
     seen: dict[str, ModelConfig] = {}
@@ -162,7 +170,7 @@ def read_models(cfg: TrainConfig, config_dir: str | Path | None = None) -> Model
             seen[spec] = architecture(spec, config_dir)
         return seen[spec]
 
-    return Models(arch(cfg.model.policy), tuple(arch(v.model) for v in cfg.reward.verifiers))
+    return Models(arch(cfg.model.policy), tuple(None if v.served else arch(v.model) for v in cfg.reward.verifiers))
 
 
 def local_platform() -> Platform:
@@ -265,8 +273,8 @@ def _split_text(mesh: tuple[int, int, int]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-    """A model's activation widths on one device: D split by `embed` ways, heads, F and V by `tensor` ways (an axis
-    a split does not divide stays whole)."""
+    """A model's activation widths on one device: D whole (the rows take fsdp), heads, F and V split by `tensor` ways
+    (K/V heads fewer than `tensor` stay whole)."""
 
     D: float
     N: float
@@ -277,10 +285,10 @@ class Dims:
     L: int
 
     @classmethod
-    def of(cls, c: ModelConfig, embed: int = 1, tensor: int = 1) -> Dims:
+    def of(cls, c: ModelConfig, tensor: int = 1) -> Dims:
         div = lambda n, k: n / k if n % k == 0 else n
         return cls(
-            div(c.dim, embed),
+            c.dim,
             div(c.num_heads, tensor),
             div(c.num_heads, tensor) * c.head_dim,
             div(c.num_kv_heads, tensor) * c.head_dim,
@@ -325,11 +333,9 @@ def backward_bytes(d: Dims, rows: int, T: int, head_tokens: int, b: int, remat: 
     return rows * T * d.L * saved + max(layer, head) + rows * T * d.D * (b + 4)
 
 
-def activation_micro_batches(micro_batches: int) -> int:
-    """Micro-batches whose activations are live one at a time. The update computes the first micro-batch's gradient
-    before a scan over the rest; with two, that scan has one iteration and XLA runs both gradient computations side
-    by side (XLA's analysis on 8 CPU devices: 2 micro-batches hold 96% of the temporaries of 1, 4 hold 46%)."""
-    return 1 if micro_batches == 2 else micro_batches
+def old_logp_pass(cfg: TrainConfig) -> bool:
+    """Whether the update runs a forward over the whole batch for the old policy's log-probs before its updates."""
+    return cfg.grpo.old_logp == "recompute" and cfg.train.num_iterations * cfg.train.minibatches > 1
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -400,6 +406,10 @@ def plan(cfg: TrainConfig, models: Models, devices: int, platform: Platform, bud
     elif needs_ref:
         add("persistent", "reference", 0, "the frozen base without adapters (no copy)")
     for vc, vm in zip(cfg.reward.verifiers, models.verifiers):
+        if vc.served:
+            where = f"{vc.server_model} on the server at {vc.url}"
+            add("persistent", f"served verifier {vc.name}", 0, f"{where}: no memory on this device")
+            continue
         vdtype = dtype_name(vc.dtype, platform)
         vbytes = per_device_bytes(_shapes(abstract(vm), jnp.dtype(vdtype)), weight_shardings(vm, mesh))
         add("persistent", f"verifier {vc.name}", vbytes, f"{vc.model}, {vdtype}, {_fmt_count(vm.num_params())}")
@@ -415,49 +425,73 @@ def plan(cfg: TrainConfig, models: Models, devices: int, platform: Platform, bud
     R_s, B_s = _ceil_div(R, sample_ways), _ceil_div(B, sample_ways)
     M, K = cfg.train.minibatches, cfg.train.micro_batches
     R_u = _ceil_div(R, update_ways)
-    r = _ceil_div(R // (M * activation_micro_batches(K)), update_ways)
-    # The update's activations: rows over UPDATE_ROW_AXES, model width over fsdp, heads and MLP over tensor.
-    d_u = Dims.of(pc, embed=fsdp, tensor=t)
+    r = _ceil_div(R // (M * K), update_ways)
+    # The update's activations: rows over UPDATE_ROW_AXES, heads and MLP over tensor, the model width whole.
+    d_u = Dims.of(pc, tensor=t)
     shapes = (
         f"{B} prompts x {G} samples = {R} rows of {P} prompt + {n_new} new tokens; per device {R_s} rows while "
         f"sampling, {R_u} in the update ({M} minibatch(es) x {K} micro-batch(es) of {r})"
     )
 
-    # Sampling.
+    # Weights as one device holds them once gathered over fsdp (still split over tensor), in the compute dtype.
+    whole = weight_shardings(pc, AbstractMesh((data * fsdp, 1, t), MESH_AXES))
+    gathered_layers = per_device_bytes(_shapes(layer_specs, jnp.dtype(compute)), whole.layers)
+    tied = specs.lm_head is None
+    gathered_head = per_device_bytes(
+        _shapes(specs.embed if tied else specs.lm_head, jnp.dtype(compute)), whole.embed if tied else whole.lm_head
+    )
+
+    # Sampling: the layers decode in the layout the sampler picks for the platform, a copy placed by the rules.
+    layout = decode_layout.resolve("auto", platform)
+    decode_copy = 0
+    if layout != "stacked":
+        decode_specs = decode_layout.abstract(pc, layout, jnp.dtype(compute)).layers
+        decode_copy = per_device_bytes(
+            _shapes(decode_specs, jnp.dtype(compute)), weight_shardings(pc, mesh, layout=layout).layers
+        )
     copies, what = 0, []
     if lora is not None:  # assumed: the adapters merged into one copy of the layers (per-layer layout off TPUs)
-        copies += layer_bytes_compute
+        copies += decode_copy or layer_bytes_compute
         what.append(f"{compute} layers with the adapters merged")
     else:
         if compute != "float32":
             copies += policy_bytes_compute
             what.append(f"{compute} compute copy")
-        if platform != "tpu":
-            copies += layer_bytes_compute
-            what.append("per-layer decode copy of the layers")
-    # With the weights sharded over fsdp, each layer's weights are gathered whole before they are used.
-    layer_full = _count(layer_specs) // pc.num_layers if fsdp > 1 else 0
-    if layer_full:
-        copies += layer_full * b
-        what.append("one gathered layer")
+        if decode_copy:
+            copies += decode_copy
+            what.append(f"{layout} decode copy of the layers")
     add("sampling", "weight copies", copies, " + ".join(what) or "none (float32 weights decode stacked)")
-    L, KH = pc.num_layers, pc.num_kv_heads * pc.head_dim
-    stages = cache_stages(n_new)
-    s_prev = P + stages[-2] if len(stages) > 1 else 0
-    kv = 2 * L * R_s * KH * b * (P + n_new + s_prev) + 2 * L * B_s * KH * b * P
-    add("sampling", "KV cache", kv, f"{R_s} rows x {P + n_new} tokens x {L} layers, {compute}, while it grows")
-    prefill = forward_bytes(Dims.of(pc), B_s, P, 0, b)
-    add("sampling", "decode temporaries", 12 * pc.vocab_size * R_s + prefill, f"logits of {R_s} rows; prefill")
+    L = pc.num_layers
+    if fsdp > 1:
+        # Decode steps split their rows over fsdp, so they read whole weights: the sampler gathers the LM head and,
+        # in the per-layer layouts, every layer once per call (`decode_layout.gather_width`); the prefill's and the
+        # stacked layout's scans gather one layer at a time.
+        per_layer = layout != "stacked"
+        held = "the layers and the LM head" if per_layer else "the LM head"
+        add(
+            "sampling",
+            "gathered weights",
+            gathered_layers / L + gathered_head + (gathered_layers if per_layer else 0),
+            f"{held} gathered over fsdp for decoding, one layer for the prefill",
+        )
+    d_s = Dims.of(pc, tensor=t)
+    KH = d_s.KH
+    kv = 2 * L * R_s * KH * b * (P + n_new) + 2 * L * B_s * KH * b * P
+    add("sampling", "KV cache", kv, f"{R_s} rows x {P + n_new} tokens x {L} layers, {compute}")
+    prefill = forward_bytes(d_s, B_s, P, 0, b)
+    add("sampling", "decode temporaries", 12 * d_s.V * R_s + prefill, f"logits of {R_s} rows; prefill")
 
     # Scoring: one block of each verifier at a time (the largest counts), and the policy's own forward for
     # policy-side reward terms.
     scoring: list[tuple[float, str]] = []
     for vc, vm in zip(cfg.reward.verifiers, models.verifiers):
+        if vc.served:  # scored by its server
+            continue
         vb = 2 if dtype_name(vc.dtype, platform) == "bfloat16" else 4
         resp = bucket_length(min(vc.max_length, n_new))
         Tv = P + resp
         rows = _ceil_div(min(R, max(1, DEFAULT_BLOCK_TOKENS // Tv)), update_ways)
-        d_v = Dims.of(vm, embed=fsdp, tensor=t)
+        d_v = Dims.of(vm, tensor=t)
         scoring.append((forward_bytes(d_v, rows, Tv, resp, vb), f"verifier {vc.name}: {rows} rows x {Tv} tokens"))
     if cfg.reward.policy_stats:  # a term reads the policy's own forward over its responses
         scoring.append((forward_bytes(d_u, R_u, T, n_new, b), f"policy forward, {R_u} rows x {T} tokens"))
@@ -475,17 +509,25 @@ def plan(cfg: TrainConfig, models: Models, devices: int, platform: Platform, bud
     )
     if lora is None and compute != "float32":
         add("update", "compute copy", policy_bytes_compute, f"{compute} weights the loss reads")
-    if layer_full:
-        add("update", "gathered layer", layer_full * (2 * b + 4), "one layer's weights (forward, backward), gradient")
+    if fsdp > 1:  # the rows are split over fsdp, so each device gathers the weights it multiplies them with
+        gathered = (gathered_layers / L + gathered_head) * (b + 4) / b
+        add(
+            "update",
+            "gathered weights",
+            gathered,
+            "one layer and the LM head gathered over fsdp, their float32 gradients",
+        )
     backward = backward_bytes(d_u, r, T, n_new, b, cfg.model.remat)
     if lora is not None:  # x @ A of every target, kept for the backward
         backward += r * T * L * b * lora.rank * 2 * len(lora.targets)
-    forward_pass = cfg.grpo.beta > 0 or cfg.train.num_iterations > 1
-    forward = forward_bytes(d_u, R_u, T, n_new, b) if forward_pass else 0
+    # Forwards over the whole batch before the updates: the reference's (grpo.beta > 0) and the old policy's
+    # (grpo.old_logp=recompute with more than one optimizer update; with one, the loss's own forward serves).
+    passes = [name for name, runs in (("reference", cfg.grpo.beta > 0), ("old", old_logp_pass(cfg))) if runs]
+    forward = forward_bytes(d_u, R_u, T, n_new, b) if passes else 0
     # The optimizer's float32 update tree lives after the backward pass has freed the activations.
     parts = {
         "backward of one micro-batch": backward,
-        "forward over all rows (reference log-probs)": forward,
+        f"forward over all rows ({' and '.join(passes) or 'none'} log-probs)": forward,
         "the optimizer's float32 update tree": trainable_bytes,
     }
     which = max(parts, key=parts.__getitem__)
@@ -501,9 +543,8 @@ def plan(cfg: TrainConfig, models: Models, devices: int, platform: Platform, bud
         f"s_layer = b (5 D + 4 N H + 3 K H + 7 F) + 8 D = {layer_bytes_per_token(d_u, b) / 1024:.1f} KiB per token "
         "and layer",
         f"forward = 2 R_u T D b + max(R_u T b (N H + 2 K H + 3 F), 8 R_u N T^2, 8 min(R_u n V, 2^24)) with R_u={R_u}"
-        + ("" if forward_pass else " (not run: no reference log-probs, one iteration)"),
-        f"KV cache = 2 L R_s K H b (S + S_prev) + 2 L B_s K H b P with R_s={R_s}, K H={KH}, S={P + n_new}, "
-        f"S_prev={s_prev}, B_s={B_s}, P={P}",
+        + ("" if passes else " (not run: no reference, and the old log-probs come from the loss's own forward)"),
+        f"KV cache = 2 L R_s K H b S + 2 L B_s K H b P with R_s={R_s}, K H={KH:g}, S={P + n_new}, B_s={B_s}, P={P}",
     )
     return Plan(tuple(lines), devices, sizes, platform, compute, budget, shapes, formulas)
 
@@ -602,21 +643,22 @@ def verdict_text(p: Plan) -> str:
 
 def format_plan(p: Plan, title: str, fix: str | None = None) -> str:
     """The table a person reads: every line with its bytes and what it holds, the peak and the verdict."""
+    w = max(26, *(len(line.name) for line in p.lines))
     out = [
         title,
         f"  mesh data={p.mesh[0]} fsdp={p.mesh[1]} tensor={p.mesh[2]} on {p.devices} {p.platform} "
         f"device(s), compute {p.compute_dtype}",
         f"  {p.shapes}",
         "",
-        f"  {'per device':28} {'GiB':>8}  holds",
+        f"  {'per device':{w + 2}} {'GiB':>8}  holds",
     ]
     for phase in ("persistent", *PHASES):
         rows = [line for line in p.lines if line.phase == phase]
         if not rows:
             continue
         mark = " <- peak" if phase == p.peak_phase else ""
-        out.append(f"  {phase:28} {_gib(p.total(phase)):>8}{mark}")
-        out.extend(f"    {line.name:26} {_gib(line.bytes):>8}  {line.detail}" for line in rows)
+        out.append(f"  {phase:{w + 2}} {_gib(p.total(phase)):>8}{mark}")
+        out.extend(f"    {line.name:{w}} {_gib(line.bytes):>8}  {line.detail}" for line in rows)
     out.append("")
     out.append(
         f"  peak = persistent {_gib(p.persistent)} + {p.peak_phase} {_gib(p.total(p.peak_phase))} = "

@@ -305,6 +305,7 @@ def sample(
         step_weights = decode_layout.to_layout(weights, cfg, chosen) if decode_weights is None else decode_weights
         cache = decode_layout.split_cache(cache)
         decode = lambda w, *args: decode_layout.forward_unrolled(w, cfg, chosen, *args)
+    step_weights = decode_layout.gather_width(step_weights, cfg, chosen)
     place_cache = lambda c: decode_layout.constrain_cache(c, mesh, chosen)
 
     toks = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -325,7 +326,7 @@ def sample(
         i, toks, tmask, logps, done, cache, tok, pos = state
         live = ~done
         h, cache = decode(step_weights, tok[:, None], pos[:, None], live[:, None], cache)
-        tok, lp = pick(i, _head_VxR(weights, cfg, h[:, 0]))
+        tok, lp = pick(i, _head_VxR(step_weights, cfg, h[:, 0]))
         tok = jnp.where(live, tok, pad_id)
         toks = jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
         tmask = jax.lax.dynamic_update_slice(tmask, live[:, None], (0, i))

@@ -3,6 +3,7 @@ step, the trainer's refusals, and every shipped config's header against a fresh 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -27,10 +28,11 @@ from cme_jax.train_step import compute_params, init_state, make_optimizer, state
 from tests.train_helpers import ROOT, tiny_config, write_config
 
 HF_CONFIGS = ROOT / "tests" / "data" / "hf_configs"
-# Dimensions that some mesh axes divide and others do not (a dimension a mesh axis does not divide is replicated).
+# Dimensions every test mesh divides (the rules refuse a model dimension a mesh axis does not divide), with fewer
+# K/V heads than tensor=4 shards, which the rules keep whole.
 POLICY = ModelConfig(
     family="qwen2",
-    vocab_size=252,  # tensor=4 splits it (the rules refuse a vocabulary it does not divide)
+    vocab_size=252,
     dim=64,
     num_layers=3,
     num_heads=4,
@@ -44,9 +46,9 @@ VERIFIER = ModelConfig(
     vocab_size=320,
     dim=48,
     num_layers=2,
-    num_heads=2,
+    num_heads=4,
     num_kv_heads=1,
-    head_dim=24,
+    head_dim=12,
     mlp_dim=80,
     norm_placement="sandwich",
     norm_plus_one=True,
@@ -106,6 +108,69 @@ def test_persistent_lines_equal_the_bytes_of_real_sharded_arrays(mesh):
 
 def with_micro(cfg):
     return memory.with_overrides(cfg, ["train.micro_batches=4"])
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        ((1, 1, 8), "vocab=252 does not split over mesh axis tensor=8; choose mesh sizes that divide 252"),
+        ((1, 2, 4), "heads=2 does not split over mesh axis tensor=4; choose mesh sizes that divide 2"),
+    ],
+)
+def test_a_mesh_that_does_not_divide_a_model_dimension_fails_in_one_line(mesh, message):
+    verifier = dataclasses.replace(VERIFIER, num_heads=2, head_dim=24)
+    with pytest.raises(CmeError) as e:
+        memory.plan(small_config(mesh), memory.Models(POLICY, (verifier,)), 8, "cpu", None)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_served_verifier_takes_no_device_memory_and_its_architecture_is_not_read():
+    cfg = load_config(ROOT / "configs" / "llama3.1-8b-instruct_served-qwen2.5-72b.yaml")
+    models = memory.read_models(cfg, HF_CONFIGS)  # Qwen2.5-72B's config.json is not in HF_CONFIGS
+    assert models.verifiers == (None,)
+    budget = memory.budget_from_size("80GB", "gpu", 0.95)
+    p = memory.plan(cfg, models, 8, "gpu", budget)
+    (served,) = [line for line in p.lines if line.name.startswith("served verifier")]
+    assert served == memory.Line(
+        "persistent",
+        "served verifier qwen2.5-72b",
+        0,
+        "Qwen/Qwen2.5-72B-Instruct on the server at http://verifier-node:8000/v1: no memory on this device",
+    )
+    assert p.total("scoring") == 0  # nothing is scored on this device
+    local = memory.with_overrides(cfg, ["reward.verifiers=[{name: qwen2.5-7b, model: Qwen/Qwen2.5-7B-Instruct}]"])
+    assert memory.plan(local, memory.read_models(local, HF_CONFIGS), 8, "gpu", budget).total("scoring") > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, old_logp, runs",
+    [
+        (["grpo.beta=0"], False, False),  # one update: the loss's own forward gives the old log-probs
+        (["grpo.beta=0", "train.minibatches=2"], True, True),
+        (["grpo.beta=0", "train.num_iterations=2"], True, True),
+        (["grpo.beta=0", "train.minibatches=2", "grpo.old_logp=sampler"], False, False),
+        (["grpo.beta=0.04"], False, True),  # the reference's forward
+    ],
+)
+def test_the_update_plans_a_whole_batch_forward_only_where_one_runs(overrides, old_logp, runs):
+    cfg = small_config((8, 1, 1), "train.micro_batches=2", *overrides)
+    p = memory.plan(cfg, memory.Models(POLICY, (VERIFIER,)), 8, "cpu", None)
+    assert memory.old_logp_pass(cfg) == old_logp
+    assert ("(not run:" not in p.formulas[2]) == runs
+
+
+def test_two_micro_batches_halve_the_backward_pass():
+    """Every micro-batch runs the same traced forward and backward, one after another."""
+    models = memory.Models(POLICY, (VERIFIER,))
+    configs = [small_config((8, 1, 1), "grpo.beta=0", f"train.micro_batches={k}") for k in (1, 2)]
+    plans = [memory.plan(cfg, models, 8, "cpu", None) for cfg in configs]
+    assert [p.shapes.split(" in the update (")[1] for p in plans] == [
+        "1 minibatch(es) x 1 micro-batch(es) of 2)",
+        "1 minibatch(es) x 2 micro-batch(es) of 1)",
+    ]
+    one, two = (p.lines[[line.name for line in p.lines].index("activations")] for p in plans)
+    assert "backward of one micro-batch" in one.detail and "backward of one micro-batch" in two.detail
+    assert two.bytes == pytest.approx(one.bytes / 2, rel=1e-6)
 
 
 def test_lora_lines_equal_the_bytes_of_real_sharded_arrays():
@@ -235,8 +300,8 @@ def test_planner_prints_every_line_and_the_first_change_that_fits(capsys, monkey
     ):
         assert name in out, name
     assert "verdict: does not fit" in out and "(40GB x 0.75, JAX's default share of a GPU)" in out
-    # remat alone leaves it tight (27.2 of 27.9 GiB); micro-batches shrink the backward pass enough.
-    assert "first change that fits: 16 micro-batches per update (train.micro_batches=16)" in out
+    # Saving matmul outputs leaves 38.8 GiB against 27.9; rematerialising whole layers fits.
+    assert "first change that fits: rematerialise every layer in the backward pass (model.remat=full)" in out
 
 
 def test_first_fix_is_the_first_candidate_that_fits_and_really_fits():
@@ -248,7 +313,7 @@ def test_first_fix_is_the_first_candidate_that_fits_and_really_fits():
     verdicts = [memory.plan(memory.with_overrides(cfg, o), models, 1, "gpu", budget).verdict for _, o in candidates]
     first = verdicts.index("fits")
     what, overrides = candidates[first]
-    assert overrides == ["train.prompts_per_step=16"]  # OLMo 2's KV cache: micro-batches and remat do not help
+    assert overrides == ["train.prompts_per_step=32"]  # OLMo 2's KV cache: micro-batches and remat do not help
     assert memory.first_fix(cfg, models, 1, "gpu", budget).startswith(f"{what} ({overrides[0]})")
 
 
@@ -306,9 +371,10 @@ def test_offline_hub_id_fails_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_estimates_against_xla_memory_analysis_on_8_cpu_devices(tiny_models, prompts_file, tmp_path, capsys):
     """`--compile` reports XLA's analysis of the sampling and update programs beside the plan. On the CPU, in
-    float32, the plan stays within -10% / +55% of XLA's peak of each program (measured: 0.93x-1.13x on data-parallel
-    meshes with remat none/full/dots and micro-batches; 1.24x-1.50x for the update on fsdp meshes without
-    micro-batches, where XLA keeps fewer of the MLP's full-width activations than the formula counts)."""
+    float32, the plan stays within -10% / +45% of XLA's peak of each program (measured over two model shapes, six
+    meshes, every remat policy, 1-4 micro-batches and 32-128 new tokens: sampling 0.95x-1.21x, the update
+    0.90x-1.39x, 0.98x-1.16x on meshes without fsdp). The fsdp mesh decodes 128 tokens in four cache stages, which
+    hold the gathered weights once between them."""
     policy = ModelConfig(
         family="llama", vocab_size=2048, dim=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, mlp_dim=768
     )
@@ -324,8 +390,9 @@ def test_estimates_against_xla_memory_analysis_on_8_cpu_devices(tiny_models, pro
     ]
     settings = [
         ["mesh.data=8"],
-        ["mesh.data=2", "mesh.fsdp=4", "model.remat=dots"],
-        ["mesh.data=1", "mesh.fsdp=8", "model.remat=full", "train.micro_batches=4"],
+        ["mesh.data=2", "mesh.fsdp=4", "model.remat=dots", "train.micro_batches=2"],
+        ["mesh.data=1", "mesh.fsdp=8", "model.remat=full", "train.micro_batches=4", "sampling.max_new_tokens=128"],
+        ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.remat=full", "train.micro_batches=2"],
     ]
     for extra in settings:
         cfg = load_config(None, [*base, *extra])
@@ -333,7 +400,7 @@ def test_estimates_against_xla_memory_analysis_on_8_cpu_devices(tiny_models, pro
         p = memory.plan(cfg, models, 8, "cpu", None)
         for program in memory.compiled_memory(cfg, models, p):
             ratio = memory.policy_estimate(p, program.name) / program.peak
-            assert 0.9 <= ratio <= 1.55, (extra, program, ratio)
+            assert 0.9 <= ratio <= 1.45, (extra, program, ratio)
     # The command prints the same comparison.
     path = write_config(tmp_path / "c.yaml", tiny_config(tiny_models, prompts_file, tmp_path / "r"))
     plan.main(["--config", path, "--compile"])

@@ -49,8 +49,8 @@ LayoutChoice = Literal["auto", "per_layer", "stacked"]
 _OUT_MAJOR_MAX_ROWS = 48
 
 
-def resolve(choice: LayoutChoice) -> Layout:
-    """The layout a choice decodes with on this backend.
+def resolve(choice: LayoutChoice, backend: str | None = None) -> Layout:
+    """The layout a choice decodes with on `backend` ("cpu", "gpu", "tpu"; default: this machine's).
 
     "auto" decodes per layer except on TPUs, whose compiler reads stacked layers in place; on CPUs and GPUs the
     scan copies each layer's weights and cache out every step (per-layer decoding ran 1.8x faster on an H200,
@@ -58,7 +58,7 @@ def resolve(choice: LayoutChoice) -> Layout:
     "fused" on CPUs, where XLA's few-row matmul streams output-major matrices fastest; accelerators' matmuls take
     either orientation at full speed.
     """
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if choice == "stacked" or (choice == "auto" and backend == "tpu"):
         return "stacked"
     return "fused" if backend == "cpu" else "per_layer"
@@ -134,6 +134,24 @@ def to_layout(weights: Weights, cfg: ModelConfig, layout: Layout) -> Weights:
     layers = tuple(one(i) for i in range(cfg.num_layers))
     layers = constrain_like(layers, abstract(cfg, layout).layers, mesh_of(weights.embed))
     return weights.replace(layers=layers)
+
+
+def gather_width(weights: Weights, cfg: ModelConfig, layout: Layout) -> Weights:
+    """`weights` of `layout` with the model width whole (split over tensor, not over fsdp) in the arrays every decode
+    step reads in full: the LM head and, in the per-layer layouts, the layers.
+
+    Decode steps split their rows over fsdp, so each step needs whole weights. Left to XLA, the gathers of these
+    loop-invariant weights are hoisted out of the decode loop, once per loop: one copy of every layer for each cache
+    stage. Gathered here, they are held once. The stacked layout's scan still gathers one layer at a time.
+    """
+    mesh = mesh_of(weights.embed)
+    whole = lambda s: ParamSpec(s.shape, tuple(None if a == "embed" else a for a in s.axes), s.dtype)
+    specs = jax.tree.map(whole, abstract(cfg, layout), is_leaf=is_spec)
+    head = "embed" if weights.lm_head is None else "lm_head"
+    out = {head: constrain(getattr(weights, head), getattr(specs, head).axes, mesh)}
+    if layout != "stacked":
+        out["layers"] = constrain_like(weights.layers, specs.layers, mesh)
+    return weights.replace(**out)
 
 
 # ----------------------------------------------------------------------------------------------------------
