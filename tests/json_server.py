@@ -1,4 +1,5 @@
-"""JSON over HTTP on 127.0.0.1 for the tests' fake OpenAI-compatible servers: the listening thread and replies."""
+"""JSON over HTTP on 127.0.0.1 for the tests' fake OpenAI-compatible servers: the listening thread, replies, and the
+chat-completions server the judge tests build on."""
 
 from __future__ import annotations
 
@@ -41,3 +42,71 @@ def send_json(h: http.server.BaseHTTPRequestHandler, status: int, payload: Any, 
         h.send_header(k, v)
     h.end_headers()
     h.wfile.write(data)
+
+
+def completion(model: str, text: str) -> dict[str, Any]:
+    """An OpenAI chat-completions reply carrying `text`."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    return {"id": "chatcmpl-test", "object": "chat.completion", "model": model, "choices": [choice], "usage": usage}
+
+
+class ChatServer:
+    """An OpenAI-compatible `POST /v1/chat/completions` on 127.0.0.1 that records what a client's tests check.
+
+    A subclass says what a conversation gets (`reply`) and which attempts fail first (`fault`, which answers the
+    request itself and returns True). After `down_after` answered conversations every other request gets 503.
+    Records: each request's Authorization header (`auth`), attempts per conversation (`attempts`), each reply's
+    status (`statuses`, 0 for a dropped connection) and the conversations answered with a completion (`answered`).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.auth: list[str | None] = []
+        self.attempts: dict[str, int] = {}
+        self.answered: list[str] = []
+        self.statuses: list[int] = []
+        self.down_after: int | None = None
+        self.http = JsonServer(self.handle)
+        self.base_url = self.http.base_url
+
+    @property
+    def requests(self) -> int:
+        return len(self.auth)
+
+    def reply(self, body: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def fault(self, h: http.server.BaseHTTPRequestHandler, conv: str, attempt: int) -> bool:
+        return False
+
+    def send(self, h: http.server.BaseHTTPRequestHandler, status: int, payload: Any, headers: Any = ()) -> None:
+        send_json(h, status, payload, headers)
+        with self.lock:
+            self.statuses.append(status)
+
+    def drop(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        """Close the connection without an answer."""
+        h.close_connection = True
+        with self.lock:
+            self.statuses.append(0)
+
+    def handle(self, h: http.server.BaseHTTPRequestHandler, body: Any) -> None:
+        if h.path != "/v1/chat/completions":
+            return self.send(h, 404, {"error": {"message": f"no route {h.path}"}})
+        conv = json.dumps(body["messages"], sort_keys=True)
+        with self.lock:
+            self.auth.append(h.headers.get("Authorization"))
+            attempt = self.attempts[conv] = self.attempts.get(conv, 0) + 1
+        if self.fault(h, conv, attempt):
+            return None
+        with self.lock:  # reserved under the lock: exactly down_after conversations get answers
+            down = self.down_after is not None and len(self.answered) >= self.down_after
+            if not down:
+                self.answered.append(conv)
+        if down:
+            return self.send(h, 503, {"error": {"message": "overloaded"}})
+        return self.send(h, 200, completion(body["model"], self.reply(body)))
+
+    def close(self) -> None:
+        self.http.close()

@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +27,8 @@ from cme_jax.eval.audit import (
 from cme_jax.eval.stats import average_ranks, spearman, win_rate
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
 from cme_jax.sources import load_model
+from tests.helpers import assert_one_line_error, cli_error, run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 SLOTS = ("chosen", "rejected", *KINDS)
 TINY_PAIRS = [
     PreferencePair("What is two plus two?", "Two plus two is four. It is basic math.", "It is five, I think."),
@@ -257,12 +254,9 @@ def test_audit_scores_equal_the_score_command(tiny, tiny_run, tmp_path):
         for f in forms
     ]
     (tmp_path / "v.yaml").write_text(json.dumps({"verifiers": verifiers}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
     args += ["--config", str(tmp_path / "v.yaml"), "--no-progress"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cme_jax.score", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
+    proc = run_module("cme_jax.score", *args)
     assert proc.returncode == 0, proc.stderr
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     for (name, form), col in columns.items():
@@ -300,56 +294,42 @@ def test_cli_with_a_training_config(tiny, tmp_path, capsys):
 # Bad input: one line, exit code 2
 
 
-def cli_error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        audit.main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
-
-
 def test_bad_input_gives_one_line(tiny, tmp_path, capsys):
     path = str(tiny[0])
     out = ["--out", str(tmp_path / "out")]
-    assert "no verifier given" in cli_error(capsys, out)
+    assert "no verifier given" in cli_error(capsys, audit.main, out)
     v = ["--verifier", path]
-    assert "pairs file" in cli_error(capsys, [*v, *out, "--pairs", str(tmp_path / "none.jsonl")])
+    assert "pairs file" in cli_error(capsys, audit.main, [*v, *out, "--pairs", str(tmp_path / "none.jsonl")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n')
-    assert "bad.jsonl:2 is not valid JSON" in cli_error(capsys, [*v, *out, "--pairs", str(bad)])
+    assert "bad.jsonl:2 is not valid JSON" in cli_error(capsys, audit.main, [*v, *out, "--pairs", str(bad)])
     bad.write_text('{"prompt": "p", "chosen": "a"}\n')
-    assert "bad.jsonl:1 needs 'rejected'" in cli_error(capsys, [*v, *out, "--pairs", str(bad)])
+    assert "bad.jsonl:1 needs 'rejected'" in cli_error(capsys, audit.main, [*v, *out, "--pairs", str(bad)])
     bad.write_text('{"prompt": "p", "chosen": " ", "rejected": "b"}\n')
-    assert "empty prompt, chosen or rejected" in cli_error(capsys, [*v, *out, "--pairs", str(bad)])
-    assert "--limit must be >= 2" in cli_error(capsys, [*v, *out, "--limit", "1"])
-    assert "must be a string containing '{prompt}'" in cli_error(capsys, [*v, *out, "--template", "Q:"])
-    assert "named" in cli_error(capsys, [*v, *v, *out])
+    assert "empty prompt, chosen or rejected" in cli_error(capsys, audit.main, [*v, *out, "--pairs", str(bad)])
+    assert "--limit must be >= 2" in cli_error(capsys, audit.main, [*v, *out, "--limit", "1"])
+    assert "must be a string containing '{prompt}'" in cli_error(capsys, audit.main, [*v, *out, "--template", "Q:"])
+    assert "named" in cli_error(capsys, audit.main, [*v, *v, *out])
     (tmp_path / "file").write_text("x")
-    assert "is a file" in cli_error(capsys, [*v, "--out", str(tmp_path / "file")])
+    assert "is a file" in cli_error(capsys, audit.main, [*v, "--out", str(tmp_path / "file")])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {policy: x}\n")
-    assert "has no reward.verifiers" in cli_error(capsys, ["--config", str(cfg), *out])
+    assert "has no reward.verifiers" in cli_error(capsys, audit.main, ["--config", str(cfg), *out])
     cfg.write_text(f"verifiers: [{path}]\nwieght: 2\n")
-    assert "unknown key 'wieght'" in cli_error(capsys, ["--config", str(cfg), *out])
+    assert "unknown key 'wieght'" in cli_error(capsys, audit.main, ["--config", str(cfg), *out])
     cfg.write_text(f"reward: {{verifiers: [{{model: {path}, context: chatty}}]}}\n")
-    assert "verifier.context='chatty'" in cli_error(capsys, ["--config", str(cfg), *out])
+    assert "verifier.context='chatty'" in cli_error(capsys, audit.main, ["--config", str(cfg), *out])
     cfg.write_text(f"reward: {{verifiers: [{{model: {path}, name: combined}}]}}\n")
-    assert "may not be named 'combined'" in cli_error(capsys, ["--config", str(cfg), *out])
+    assert "may not be named 'combined'" in cli_error(capsys, audit.main, ["--config", str(cfg), *out])
 
 
 @pytest.mark.slow
 def test_unreachable_hub_dataset_is_one_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = ["--verifier", "gemma3-270m", "--dataset", "HuggingFaceH4/ultrafeedback_binarized", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cme_jax.audit", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
-    )
-    assert proc.returncode == 2
-    err = proc.stderr.strip()
-    assert err.startswith("error: cannot load dataset 'HuggingFaceH4/ultrafeedback_binarized'") and "\n" not in err
-    assert "--pairs" in err
+    proc = run_module("cme_jax.audit", *args, env=env, timeout=300)
+    err = assert_one_line_error(proc.returncode, proc.stderr, "--pairs")
+    assert err.startswith("error: cannot load dataset 'HuggingFaceH4/ultrafeedback_binarized'")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from cme_jax.models.transformer import default_positions, forward
 from cme_jax.sampling import SamplingConfig, generate_responses
 from cme_jax.tokens import encode_prompts, left_pad, stop_token_ids
+from tests.tiny_hf import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +65,7 @@ def test_greedy_32_tokens_identical_to_transformers_generate(case):
     )
     stops = stop_token_ids(tok)
     for prompt_ids, res in zip(encode_prompts(tok, prompts, fmt, "{prompt}"), results):
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor([prompt_ids]).long(),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=32,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=stops[0],
-            )
-        ref = out[0, len(prompt_ids) :].tolist()
+        ref = hf_greedy(hf, prompt_ids, 32, stops)
         ref_stopped = ref[-1] in stops
         assert res[0]["stopped"] == ref_stopped
         assert res[0]["tokens"] == (ref[:-1] if ref_stopped else ref)

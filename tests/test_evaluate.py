@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -28,7 +26,8 @@ from cme_jax.prompts import DataConfig, load_prompts
 from cme_jax.sampling import SamplingConfig, generate_responses
 from cme_jax.scoring import Verifier, VerifierConfig, score_texts
 from cme_jax.tokens import format_prompt
-from tests.json_server import JsonServer, send_json
+from tests.helpers import EVAL_RESULT_KEYS, assert_one_line_error, cli_error, no_proxy, run_module
+from tests.json_server import ChatServer
 
 SECRET = "sk-eval-SECRET-4d9b2e71c0"
 KEY_ENV = "CME_EVAL_TEST_KEY"
@@ -42,19 +41,6 @@ GEMMA_TEMPLATE = "Question: {prompt}\nAnswer:"
 HELDOUT = 0.05
 SYSTEM = "You are a concise assistant, trained with cme_jax."
 N_PROMPTS = 3
-RESULT_KEYS = (
-    "n",
-    "wins",
-    "ties",
-    "losses",
-    "unparsed",
-    "win_rate_tie_adjusted",
-    "ci95_low",
-    "ci95_high",
-    "position_consistency",
-    "model_mean_length",
-    "base_mean_length",
-)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +97,7 @@ def check_results(out: Path, returned: dict, n_prompts: int) -> dict:
         assert (out / side / "model_outputs.json").is_file()
     results = read_json(out / "results.json")
     assert results == returned
-    for key in RESULT_KEYS:
+    for key in EVAL_RESULT_KEYS:
         assert key in results
     assert results["wins"] + results["ties"] + results["losses"] == results["n"]
     assert results["n"] + results["unparsed"] == n_prompts == results["n_total"]
@@ -322,80 +308,50 @@ def test_run_directory_vs_base_with_local_judge_and_cme(trained_run, smollm, gem
     assert again == results and not loads and again_judge.asked == 0
 
 
-class ModelServer:
-    """An OpenAI-compatible chat completions server on 127.0.0.1 whose replies a cme_jax model generates.
+class ModelServer(ChatServer):
+    """The chat-completions server answering with a cme_jax model's own generations.
 
     It renders each conversation with the model's chat template itself and generates greedily through
     `generate_responses`. `fail_first` fails the first attempt of two conversations in three (HTTP 500, then
-    429, then none, in turn); after `down_after` answers it returns 503 to everything.
+    429, then none, in turn).
     """
 
     def __init__(self, model):
+        super().__init__()
         self.model = model
-        self.lock = threading.Lock()
         self.generate_lock = threading.Lock()
-        self.requests = 0
-        self.auth: list[str | None] = []
-        self.attempts: dict[str, int] = {}
-        self.answered: list[str] = []
-        self.statuses: list[int] = []
         self.fail_first = True
         self.first_seen = 0
-        self.down_after: int | None = None
-        self.http = JsonServer(self.handle)
-        self.base_url = self.http.base_url
 
-    def reply(self, messages, max_tokens):
+    def fault(self, h, conv, attempt):
+        if attempt != 1:
+            return False
+        with self.lock:
+            self.first_seen += 1
+            turn = self.first_seen % 3
+        if not self.fail_first or turn == 0:
+            return False
+        self.send(h, 500 if turn == 1 else 429, {"error": {"message": "try again"}}, [("Retry-After", "0")])
+        return True
+
+    def reply(self, body):
         tok = self.model.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
         with self.generate_lock:  # one generation at a time; a full batch of 2 keeps the compiled shapes few
             out = generate_responses(
                 self.model,
                 [text, text],
-                SamplingConfig(max_new_tokens=max_tokens, temperature=0.0),
+                SamplingConfig(max_new_tokens=int(body.get("max_tokens", 16)), temperature=0.0),
                 fmt="plain",
                 template="{prompt}",
                 batch_size=JUDGE_BATCH,
             )
         return out[0][0]["response"].strip()
 
-    def send(self, h, status, payload, headers=()):
-        send_json(h, status, payload, headers)
-        with self.lock:
-            self.statuses.append(status)
-
-    def handle(self, h, body):
-        conv = json.dumps(body["messages"], sort_keys=True)
-        with self.lock:
-            self.requests += 1
-            self.auth.append(h.headers.get("Authorization"))
-            attempt = self.attempts[conv] = self.attempts.get(conv, 0) + 1
-            if attempt == 1:
-                self.first_seen += 1
-            down = self.down_after is not None and len(self.answered) >= self.down_after
-            failure = None
-            if self.fail_first and attempt == 1 and self.first_seen % 3 != 0:
-                failure = 500 if self.first_seen % 3 == 1 else 429
-            if not down and failure is None:
-                self.answered.append(conv)  # reserved under the lock: exactly down_after get answered
-        if down:
-            return self.send(h, 503, {"error": {"message": "overloaded"}})
-        if failure is not None:
-            return self.send(h, failure, {"error": {"message": "try again"}}, [("Retry-After", "0")])
-        text = self.reply(body["messages"], int(body.get("max_tokens", 16)))
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        return self.send(
-            h, 200, {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": [choice]}
-        )
-
-    def close(self):
-        self.http.close()
-
 
 @pytest.fixture
 def model_server(smollm, monkeypatch):
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    no_proxy(monkeypatch)
     monkeypatch.setenv(KEY_ENV, SECRET)
     server = ModelServer(smollm)
     yield server
@@ -474,7 +430,7 @@ def test_gemma_vs_smollm_with_http_judge_retries_and_resume(model_server, smollm
     )  # fmt: skip
     assert model_server.requests == before
     cli = read_json(out / "results.json")
-    assert {k: cli[k] for k in RESULT_KEYS} == {k: results[k] for k in RESULT_KEYS}
+    assert {k: cli[k] for k in EVAL_RESULT_KEYS} == {k: results[k] for k in EVAL_RESULT_KEYS}
     assert cli["prompts"] == {"source": str(prompt_file), "count": N_PROMPTS}
     for f in out.rglob("*"):
         if f.is_file():
@@ -503,12 +459,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     base = ["--baseline", "smollm2-135m-instruct", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
 
     def fails(*argv: str) -> str:
-        with pytest.raises(SystemExit) as e:
-            evaluate_cmd.main(list(argv))
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: "), err
-        return err[0]
+        return cli_error(capsys, evaluate_cmd.main, argv)
 
     assert "exactly one judge" in fails("--model", "smollm2-135m-instruct", *base)
     assert "exactly one judge" in fails("--model", "x", *base, *url, "--judge-model", "smollm2-135m-instruct")
@@ -539,30 +490,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_command_line_bad_input_exit_code(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cme_jax.evaluate",
-            "--model",
-            "a",
-            "--baseline",
-            "b",
-            "--prompts",
-            "x.jsonl",
-            "--out",
-            "o",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines == [
+    args = ["--model", "a", "--baseline", "b", "--prompts", "x.jsonl", "--out", "o"]
+    proc = run_module("cme_jax.evaluate", *args, cwd=tmp_path, timeout=120)
+    assert assert_one_line_error(proc.returncode, proc.stderr) == (
         "error: give exactly one judge: --judge-model SPEC (run locally) or --judge-url URL with --judge-name MODEL"
-    ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -778,12 +710,7 @@ def test_judge_flags_are_one_line_errors(tmp_path, capsys):
     local = ["--judge-model", "smollm2-135m-instruct"]
 
     def fails(*argv: str) -> str:
-        with pytest.raises(SystemExit) as e:
-            evaluate_cmd.main([*base, *argv])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: "), err
-        return err[0]
+        return cli_error(capsys, evaluate_cmd.main, [*base, *argv])
 
     assert "exclude each other" in fails("--no-judge", *local)
     assert "exclude each other" in fails("--no-judge", "--judge-url", "http://127.0.0.1:9/v1")

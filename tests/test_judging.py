@@ -11,7 +11,6 @@ import logging
 import re
 import socket
 import sys
-import threading
 import types
 
 import numpy as np
@@ -46,7 +45,8 @@ from cme_jax.eval.judging import (
 )
 from cme_jax.eval.stats import bootstrap_ci
 from cme_jax.files import JsonlCache
-from tests.json_server import JsonServer, send_json
+from tests.helpers import EVAL_RESULT_KEYS, no_proxy
+from tests.json_server import ChatServer
 
 SECRET = "sk-test-SECRET-7f3a9c1e5b"
 
@@ -681,78 +681,39 @@ def test_audit_in_results_and_report(tmp_path):
 # ----------------------------------------------------------------------------- HTTP server
 
 
-class FakeOpenAI:
-    """A threaded OpenAI chat-completions server on 127.0.0.1 with switchable failure modes."""
+class FakeOpenAI(ChatServer):
+    """The chat-completions server with switchable failure modes, answering with `server_reply`."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.auth: list[str | None] = []
-        self.attempts: dict[str, int] = {}
-        self.answered: list[str] = []  # conversations that got an HTTP 200
-        self.statuses: list[int] = []
+        super().__init__()
         self.mode = "healthy"  # healthy | flaky | down | unauthorized
-        self.down_after: int | None = None  # answer this many, then 503 for everything
-        self.granted = 0
-        self.http = JsonServer(self.handle)
-        self.base_url = self.http.base_url
 
-    def _send(self, h, status, payload, headers=()):
-        send_json(h, status, payload, headers)
-        with self.lock:
-            self.statuses.append(status)
-
-    def handle(self, h, body):
-        if h.path != "/v1/chat/completions":
-            return self._send(h, 404, {"error": "not found"})
-        conv = json.dumps(body["messages"], sort_keys=True)
+    def fault(self, h, conv, attempt):
         digest = int(hashlib.sha256(conv.encode()).hexdigest(), 16)
-        with self.lock:
-            self.auth.append(h.headers.get("Authorization"))
-            attempt = self.attempts[conv] = self.attempts.get(conv, 0) + 1
-            down = self.mode == "down"
-            if self.down_after is not None:  # reserve an answer under the lock: exactly down_after succeed
-                down = down or self.granted >= self.down_after
-                self.granted += not down
         if self.mode == "unauthorized":
             key = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
-            return self._send(h, 401, {"error": {"message": f"Incorrect API key provided: {key}"}})
-        if down:
-            return self._send(h, 503, {"error": "overloaded"})
-        if self.mode == "flaky":
-            if attempt == 1 and digest % 3 == 0:
-                h.close_connection = True  # drop the connection without an answer
-                with self.lock:
-                    self.statuses.append(0)
-                return None
-            if attempt == 1 and digest % 3 == 1:
-                return self._send(h, 500, {"error": "internal"})
-            if attempt == 1:
-                return self._send(h, 429, {"error": "rate limited"}, [("Retry-After", "0")])
-            if attempt == 2 and digest % 2 == 0:
-                return self._send(h, 200, b"<html>bad gateway</html>")  # a 200 that is no completion
-        text = server_reply(body["messages"])
-        with self.lock:
-            self.answered.append(conv)
-        return self._send(
-            h,
-            200,
-            {
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            },
-        )
+            self.send(h, 401, {"error": {"message": f"Incorrect API key provided: {key}"}})
+        elif self.mode == "down":
+            self.send(h, 503, {"error": {"message": "overloaded"}})
+        elif self.mode == "flaky" and attempt == 1 and digest % 3 == 0:
+            self.drop(h)
+        elif self.mode == "flaky" and attempt == 1 and digest % 3 == 1:
+            self.send(h, 500, {"error": {"message": "internal"}})
+        elif self.mode == "flaky" and attempt == 1:
+            self.send(h, 429, {"error": {"message": "rate limited"}}, [("Retry-After", "0")])
+        elif self.mode == "flaky" and attempt == 2 and digest % 2 == 0:
+            self.send(h, 200, b"<html>bad gateway</html>")  # a 200 that is no completion
+        else:
+            return False
+        return True
 
-    def close(self):
-        self.http.close()
+    def reply(self, body):
+        return server_reply(body["messages"])
 
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    no_proxy(monkeypatch)
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
     s = FakeOpenAI()
     yield s
@@ -814,19 +775,7 @@ def test_http_end_to_end(server, tmp_path, caplog):
     assert len(server.answered) == 15 * 2 + 2 + 4 == len(set(server.answered))
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    for key in (
-        "n",
-        "wins",
-        "ties",
-        "losses",
-        "unparsed",
-        "win_rate_tie_adjusted",
-        "ci95_low",
-        "ci95_high",
-        "position_consistency",
-        "model_mean_length",
-        "base_mean_length",
-    ):
+    for key in EVAL_RESULT_KEYS:
         assert key in results
     assert results["model"] == "policy" and results["baseline"] == "base" and "judge-1" in results["judge"]
     assert results["win_rate_tie_adjusted"] == pytest.approx((results["wins"] + 0.5 * results["ties"]) / results["n"])

@@ -83,6 +83,7 @@ def small_config(mesh: tuple[int, int, int], *extra: str):
     )
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)])
 def test_persistent_lines_equal_the_bytes_of_real_sharded_arrays(mesh):
     cfg = small_config(mesh)
@@ -173,6 +174,7 @@ def test_two_micro_batches_halve_the_backward_pass():
     assert two.bytes == pytest.approx(one.bytes / 2, rel=1e-6)
 
 
+@pytest.mark.devices(8)
 def test_lora_lines_equal_the_bytes_of_real_sharded_arrays():
     mesh = (2, 4, 1)
     cfg = small_config(mesh, "model.lora={rank: 4, targets: [q, v, o, down]}")
@@ -368,6 +370,7 @@ def test_offline_hub_id_fails_in_one_line(tmp_path):
     assert "config.json of 'cme-jax-test/no-such-model' is not in the Hugging Face cache" in lines[0]
 
 
+@pytest.mark.devices(8)
 @pytest.mark.slow
 def test_estimates_against_xla_memory_analysis_on_8_cpu_devices(tiny_models, prompts_file, tmp_path, capsys):
     """`--compile` reports XLA's analysis of the sampling and update programs beside the plan. On the CPU, in

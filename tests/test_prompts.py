@@ -29,6 +29,7 @@ from cme_jax.prompts import (
     read_prompt_texts,
 )
 from cme_jax.tokens import encode_prompts
+from tests.helpers import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -352,11 +353,7 @@ def test_cli_prints_stats_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert json.loads(out[0])["duplicates"] == 1
     assert [json.loads(x) for x in out[1:]] == ["a", "b"]
-    with pytest.raises(SystemExit) as e:
-        main([str(tmp_path / "missing.jsonl")])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: prompt file") and err.count("\n") == 1
+    assert cli_error(capsys, main, [str(tmp_path / "missing.jsonl")]).startswith("error: prompt file")
 
 
 # --- datasets: Hub ids offline, dataset directories -------------------------------------------------------

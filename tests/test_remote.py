@@ -27,6 +27,7 @@ from cme_jax.rewards import RewardBatch, RewardConfig, compute_rewards, device_r
 from cme_jax.score import main as score_main
 from cme_jax.scoring import Verifier, VerifierConfig, load_verifier, score_texts
 from cme_jax.sources import load_model
+from tests.helpers import no_proxy
 from tests.train_helpers import ROOT, metric_rows, tiny_config, write_config
 from tests.vllm_server import Faults, VllmLikeServer
 
@@ -73,8 +74,7 @@ def vllm():
 
 @pytest.fixture
 def server(vllm, monkeypatch):
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    no_proxy(monkeypatch)
     vllm.reset()
     vllm.api_key = None
     yield vllm

@@ -509,7 +509,7 @@ def test_sharded_device_reward_equals_single_device(tiny_verifiers, sampled):
     frozen = dr.frozen(PROMPTS, jax.random.key(7))
     want, _ = jax.jit(dr.fn)(policy.weights, ro, *device_inputs(ptoks, pmask), frozen)
 
-    mesh = make_mesh(data=2, fsdp=1, tensor=4)
+    mesh = make_mesh(data=2, fsdp=1, tensor=2)
     rows = batch_sharding(mesh, 1)
     shardings = (weight_shardings(policy.cfg, mesh), rows, rows, rows, dr.frozen_shardings(mesh))
     args = jax.device_put((policy.weights, ro, *device_inputs(ptoks, pmask), frozen), shardings)

@@ -4,18 +4,13 @@ softmax frequencies and filter sets, single-device runs; and the generate comman
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from scipy import stats
-from tiny_hf import hf_logits, left_padded_batch, tiny_model, tiny_tokenizer
+from tiny_hf import hf_greedy, hf_logits, left_padded_batch, tiny_model, tiny_tokenizer
 
 from cme_jax import sampling
 from cme_jax.errors import CmeError
@@ -33,8 +28,8 @@ from cme_jax.sampling import (
 )
 from cme_jax.sources import load_model
 from cme_jax.tokens import bucket_length, encode_prompts, left_pad, stop_token_ids
+from tests.helpers import assert_one_line_error, start_module
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_STOP = np.asarray([], np.int32)
 PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog", "one two", "answer the question"]
 
@@ -86,16 +81,7 @@ def test_greedy_48_tokens_identical_to_transformers_generate(smollm, hf_smollm):
     ro = sample_jit(smollm.weights, smollm.cfg, toks, mask, jax.random.key(0), scfg, np.asarray(stops), 0)
     ours = np.asarray(ro.tokens)
     for r, prompt_ids in enumerate(ids):
-        with torch.no_grad():
-            out = hf_smollm.generate(
-                torch.tensor([prompt_ids]).long(),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=48,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=stops[0],
-            )
-        ref = out[0, len(prompt_ids) :].tolist()
+        ref = hf_greedy(hf_smollm, prompt_ids, 48, stops)
         n = int(ro.lengths[r])
         assert ours[r, :n].tolist() == ref, prompts[r]
         assert bool(ro.stopped[r]) == (ref[-1] in stops)
@@ -311,12 +297,16 @@ def _pick_stops(ref: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("sizes", "layout"), [((2, 2, 2), "per_layer"), ((8, 1, 1), "stacked")], ids=["data2_fsdp2_tensor2", "data8"]
+    ("sizes", "layout"),
+    [
+        # Rows over data x fsdp and weights over fsdp x tensor at once need all three axes: 8 devices.
+        pytest.param((2, 2, 2), "per_layer", marks=pytest.mark.devices(8), id="data2_fsdp2_tensor2"),
+        pytest.param((4, 1, 1), "stacked", id="data4"),
+    ],
 )
 def test_sharded_greedy_equals_single_device(tiny, sizes, layout):
     """Weights placed by their rules and prompt rows over the data axes give the single-device greedy tokens."""
     _, _, m = tiny
-    assert len(jax.devices()) >= 8, "conftest sets 8 fake CPU devices"
     prompts = PROMPTS + [p + " again" for p in PROMPTS]
     toks, mask = _prompt_batch(m, prompts)
     scfg = SamplingConfig(max_new_tokens=10, temperature=0.0, num_samples=2)
@@ -359,28 +349,15 @@ def test_generate_responses_groups_samples_per_prompt(tiny, capsys):
 def test_generate_responses_on_a_mesh(tiny):
     """Prompt rows split over data x fsdp (the batch rounded up to whole rows per device) give the same text."""
     _, _, m = tiny
-    mesh = make_mesh(data=4, fsdp=2)
+    mesh = make_mesh(data=2, fsdp=2)
     sharded = load_model(str(m.spec), mesh=mesh)
-    prompts = PROMPTS[:3]  # 3 rows: padded to 8 on the mesh
+    prompts = PROMPTS[:3]  # 3 rows: padded to 4 on the mesh
     scfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
     got = generate_responses(sharded, prompts, scfg, mesh=mesh)
     want = generate_responses(m, prompts, scfg)
     strip = lambda res: [[{k: v for k, v in s.items() if k != "logprob"} for s in r] for r in res]
     assert strip(got) == strip(want)
     np.testing.assert_allclose([r[0]["logprob"] for r in got], [r[0]["logprob"] for r in want], atol=1e-4)
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "cme_jax.generate", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd or ROOT,
-    )
 
 
 def test_cli_bad_inputs_are_one_line_and_exit_2(tiny, tmp_path):
@@ -408,13 +385,10 @@ def test_cli_bad_inputs_are_one_line_and_exit_2(tiny, tmp_path):
         "stop string": "one token",
         "missing model": "nope",
     }
-    procs = {name: _cli(*args) for name, args in cases.items()}  # in parallel: each start imports jax
+    procs = {name: start_module("cme_jax.generate", *args) for name, args in cases.items()}  # in parallel
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=300)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, err)
-        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
-        assert expect[name] in lines[0], (name, lines[0])
+        assert_one_line_error(proc.returncode, err, expect[name])
 
 
 def test_cli_jsonl_round_trip(tiny, tmp_path):
@@ -425,10 +399,9 @@ def test_cli_jsonl_round_trip(tiny, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out" / "responses.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--num-samples", "2", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--max-new-tokens", "6"]
-    proc = _cli(
-        "--model", str(path), "--prompts", str(src), "--output", str(out), "--seed", "3", "--truncate-left", *args
-    )
-    one = _cli("--model", str(path), "--prompt", "hello world", "--output", "-", "--seed", "3", *args)
+    seeded = ["--model", str(path), "--seed", "3", *args]
+    proc = start_module("cme_jax.generate", *seeded, "--prompts", str(src), "--output", str(out), "--truncate-left")
+    one = start_module("cme_jax.generate", *seeded, "--prompt", "hello world", "--output", "-")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "batch 1/1" in err and "wrote 8 responses" in err

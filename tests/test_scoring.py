@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -34,8 +31,7 @@ from cme_jax.scoring import (
     visible_response,
 )
 from cme_jax.sources import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import cli_error, run_module
 
 TINY_PROMPTS = ["hello world", "the quick brown fox", "answer the question"]
 TINY_RESPONSES = [
@@ -261,10 +257,11 @@ def test_row_blocks_give_the_same_scores(tiny):
 
 def test_sharded_scoring_equals_single_device(tiny):
     path = tiny[0]
-    mesh = make_mesh(data=4, fsdp=1, tensor=2)
+    mesh = make_mesh(data=2, fsdp=1, tensor=2)
     sharded = load_model(str(path), mesh=mesh)
     v = Verifier.from_model(VerifierConfig(model=str(path)), sharded)
-    prompts, responses = TINY_PROMPTS * 2, TINY_RESPONSES[::-1] * 2  # 6 rows: padded to 8 for the data axis
+    # 5 rows: padded to 6 for the data axis
+    prompts, responses = (TINY_PROMPTS * 2)[:5], (TINY_RESPONSES[::-1] * 2)[:5]
     want = score_texts(verifier(tiny), prompts, responses)
     for block_tokens in (4096, 48):  # one block; then blocks of rows that span the data axis
         got = score_texts(v, prompts, responses, mesh=mesh, block_tokens=block_tokens)
@@ -357,13 +354,6 @@ def test_fast_path_equals_text_path(tiny, score_eos, max_length, insert, contras
 # Command line
 
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "cme_jax.score", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-
-
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -379,9 +369,8 @@ def test_cli_scores_rows_with_two_weighted_verifiers(tiny, tmp_path):
     reward = dict(terms=["cme"], verifiers=[a_cfg, b_cfg], empty_reward=-7.5)
     config.write_text(yaml.safe_dump({"reward": reward, "grpo": {"beta": 0.0}}))
     out = tmp_path / "out.jsonl"
-    proc = run_cli(
-        ["--input", str(write_rows(tmp_path / "in.jsonl", rows)), "--output", str(out), "--config", str(config)]
-    )
+    src = write_rows(tmp_path / "in.jsonl", rows)
+    proc = run_module("cme_jax.score", "--input", str(src), "--output", str(out), "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     assert "cme a" in proc.stderr and "scored 4 rows (1 empty)" in proc.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
@@ -396,40 +385,29 @@ def test_cli_scores_rows_with_two_weighted_verifiers(tiny, tmp_path):
     assert got[3]["cme"] == got[3]["cme_a"] == got[3]["cme_b"] == -7.5
 
 
-def _cli_error(capsys, args: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        score_main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
-
-
 def test_cli_bad_input_gives_one_line(tiny, tmp_path, capsys):
     path = str(tiny[0])
     good = write_rows(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}])
     out = str(tmp_path / "out.jsonl")
-    assert "does not exist" in _cli_error(
-        capsys, ["--input", str(tmp_path / "no.jsonl"), "--output", out, "--verifier", path]
-    )
+
+    def fails(*argv: str) -> str:
+        return cli_error(capsys, score_main, argv)
+
+    assert "does not exist" in fails("--input", str(tmp_path / "no.jsonl"), "--output", out, "--verifier", path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response": "r"}\n{oops\n')
-    assert "bad.jsonl:2 is not valid JSON" in _cli_error(
-        capsys, ["--input", str(bad), "--output", out, "--verifier", path]
-    )
+    assert "bad.jsonl:2 is not valid JSON" in fails("--input", str(bad), "--output", out, "--verifier", path)
     missing = write_rows(tmp_path / "missing.jsonl", [{"prompt": "p"}])
-    assert "needs a string 'response'" in _cli_error(
-        capsys, ["--input", str(missing), "--output", out, "--verifier", path]
-    )
-    assert "no verifier given" in _cli_error(capsys, ["--input", str(good), "--output", out])
-    err = _cli_error(capsys, ["--input", str(good), "--output", out, "--verifier", path, "--template", "plain"])
+    assert "needs a string 'response'" in fails("--input", str(missing), "--output", out, "--verifier", path)
+    assert "no verifier given" in fails("--input", str(good), "--output", out)
+    err = fails("--input", str(good), "--output", out, "--verifier", path, "--template", "plain")
     assert "verifier.template" in err
-    assert "does not exist" in _cli_error(capsys, ["--input", str(good), "--output", out, "--verifier", "./nowhere"])
+    assert "does not exist" in fails("--input", str(good), "--output", out, "--verifier", "./nowhere")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("verifiers: [{model: x, wieght: 2}]\n")
-    assert "unknown key 'wieght'" in _cli_error(capsys, ["--input", str(good), "--output", out, "--config", str(cfg)])
+    assert "unknown key 'wieght'" in fails("--input", str(good), "--output", out, "--config", str(cfg))
     cfg.write_text("verifiers: [m1]\nbatch: 3\n")
-    assert "unknown key 'batch'" in _cli_error(capsys, ["--input", str(good), "--output", out, "--config", str(cfg)])
+    assert "unknown key 'batch'" in fails("--input", str(good), "--output", out, "--config", str(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,8 +485,8 @@ def test_fast_path_equals_text_path_on_smollm(smollm):
 def test_cli_with_embedded_gemma(gemma, hf_gemma, tmp_path):
     rows = [{"prompt": p, "response": r} for p, r in zip(REAL_PROMPTS[:3], REAL_RESPONSES[:3])]
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(write_rows(tmp_path / "in.jsonl", rows)), "--output", str(out)]
-    proc = run_cli([*args, "--verifier", "gemma3-270m", "--context", "plain", "--template", "Q: {prompt}\nA:"])
+    args = ["--input", str(write_rows(tmp_path / "in.jsonl", rows)), "--output", str(out), "--verifier", "gemma3-270m"]
+    proc = run_module("cme_jax.score", *args, "--context", "plain", "--template", "Q: {prompt}\nA:")
     assert proc.returncode == 0, proc.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
     tok = gemma.tokenizer

@@ -4,10 +4,7 @@ and the one-line errors for each kind of bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -21,8 +18,7 @@ from cme_jax import sources
 from cme_jax.errors import CmeError
 from cme_jax.models.transformer import default_positions, forward
 from cme_jax.sources import EmbeddedModel, fetch_embedded, load_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import assert_one_line_error, run_module
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +40,6 @@ def _logits(model, seed=0):
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=300)
 
 
 def test_local_directory_with_tokenizer(tiny_dir):
@@ -94,7 +85,7 @@ def test_hub_id_resolves_from_cache_offline(tiny_dir, tmp_path):
         "--output",
         str(out),
     ]
-    res = run_cli("-m", "cme_jax.generate", *args, env=env)
+    res = run_module("cme_jax.generate", *args, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["prompt"] == "hello" and isinstance(rows[0]["response"], str)
@@ -102,10 +93,8 @@ def test_hub_id_resolves_from_cache_offline(tiny_dir, tmp_path):
 
 def test_hub_id_missing_offline_is_one_line(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    res = run_cli("-m", "cme_jax.generate", "--model", "no-org/no-model", "--prompt", "hi", env=env)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not in the Hugging Face cache" in lines[0], res.stderr
+    res = run_module("cme_jax.generate", "--model", "no-org/no-model", "--prompt", "hi", env=env, timeout=300)
+    assert_one_line_error(res.returncode, res.stderr, "not in the Hugging Face cache")
 
 
 def _expect_error(spec: str, *fragments: str, **kw) -> str:

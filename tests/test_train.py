@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,19 +16,16 @@ import yaml
 from cme_jax import train as train_mod
 from cme_jax.checkpoint import CheckpointManager
 from cme_jax.config import TrainConfig, config_yaml, load_config
-from tests.train_helpers import ROOT, metric_rows, tiny_config, write_config
-
-
-def restore_state(run_dir: Path, like, step: int):
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    with CheckpointManager(run_dir, read_only=True) as ckpt:
-        return ckpt.restore(abstract, step).state
-
-
-def assert_same_params(a, b):
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-
+from tests.helpers import SUITE_DEVICES, assert_one_line_error, cli_error, run_module, start_module
+from tests.train_helpers import (
+    ROOT,
+    assert_same_params,
+    metric_rows,
+    run_params,
+    tiny_config,
+    wait_for_checkpoint,
+    write_config,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -101,7 +95,7 @@ MALFORMED = [
     ("beta without reference", _set("model", "reference", None), "reference"),
     ("rows do not split", _set("train", "minibatches", 3), "minibatches"),
     ("mesh does not fit devices", _set("mesh", "data", 3), "devices"),
-    ("batch not divisible by the mesh", _override("mesh.data=8", "mesh.tensor=1"), "prompts_per_step"),
+    ("batch not divisible by the mesh", _override("mesh.data=4", "mesh.tensor=1"), "prompts_per_step"),
     ("unknown reward term", _set("reward", "terms", ["cmee"]), "cmee"),
     ("plain template without {prompt}", _set("model", "template", "Question:"), "{prompt}"),
     ("override without =", _override("grpo.beta"), "grpo.beta"),
@@ -125,23 +119,15 @@ def test_malformed_config_or_data_is_one_line_exit_2(
     monkeypatch.setattr(train_mod, "load_model", no_weights)
     cfg, overrides = edit(tiny_config(tiny_models, prompts_file, tmp_path / "run"), tmp_path)
     path = write_config(tmp_path / "c.yaml", cfg)
-    with pytest.raises(SystemExit) as exc:
-        train_mod.main(["--config", path, *overrides])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ") and words.lower() in err[0].lower(), err[0]
+    err = cli_error(capsys, train_mod.main, ["--config", path, *overrides])
+    assert words.lower() in err.lower(), err
 
 
 def test_yaml_syntax_error_and_missing_file_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {steps: 3\n")
     for path in (str(bad), str(tmp_path / "missing.yaml")):
-        with pytest.raises(SystemExit) as exc:
-            train_mod.main(["--config", path])
-        assert exc.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and Path(path).name in err[0], err
+        assert Path(path).name in cli_error(capsys, train_mod.main, ["--config", path])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +167,7 @@ def test_stop_and_resume_equals_straight_run(straight_run, tmp_path):
     assert first.step == 3
     second = train_mod.train(cfg)
     assert second.step == 6
-    assert_same_params(second.state, ref.state)
+    assert_same_params(second.state.params, ref.state.params)
     rows, ref_rows = metric_rows(Path(cfg.run_dir)), metric_rows(Path(ref.run_dir))
     assert len(rows) == len(ref_rows) == 6
     for a, b in zip(rows, ref_rows):
@@ -191,27 +177,17 @@ def test_stop_and_resume_equals_straight_run(straight_run, tmp_path):
 
 
 def _launch(config_path: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "cme_jax.train", "--config", config_path, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The trainer in a child process on the suite's devices (the in-process runs' mesh), output in one stream."""
+    return start_module(
+        "cme_jax.train", "--config", config_path, *extra, devices=SUITE_DEVICES, stderr=subprocess.STDOUT
+    )
 
 
-def _wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early:\n{proc.stdout.read()}")
-        time.sleep(0.01)
-    raise AssertionError("trainer made no progress")
-
-
-# SIGTERM (a preemption notice) is covered where it is handled: tests/test_checkpoint.py checkpoints on it and
-# resumes exactly; here the harder case, a kill at an arbitrary moment with a save in flight.
-@pytest.mark.parametrize("sig", [signal.SIGKILL], ids=["sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_to_the_same_params(sig, straight_run, tmp_path):
+    """Once a checkpoint exists, a preemption notice (SIGTERM: save the step and exit 0) or a kill at an arbitrary
+    moment, a save in flight (SIGKILL); the rerun resumes from the last complete step and ends where the straight
+    run ends."""
     cfg, ref = straight_run
     run_dir = tmp_path / "run"
     raw = yaml.safe_load(config_yaml(cfg))
@@ -219,23 +195,22 @@ def test_killed_run_resumes_to_the_same_params(sig, straight_run, tmp_path):
     raw["checkpoint"]["every"] = 1  # a save is in flight at almost every moment
     path = write_config(tmp_path / "c.yaml", raw)
     proc = _launch(path)
-    _wait_for_rows(run_dir, 3, proc)
+    wait_for_checkpoint(run_dir, proc, proc.stdout.read)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:
         assert proc.returncode == 0, out
-        assert "termination signal" in out
+        assert "termination signal: saving step" in out, out
     else:
-        assert proc.returncode == -signal.SIGKILL
+        assert proc.returncode == -signal.SIGKILL, out
     with CheckpointManager(run_dir, read_only=True) as ckpt:
         saved = ckpt.latest_step()
-    assert saved is None or 1 <= saved < 6 or sig == signal.SIGTERM
+    assert saved is not None and 1 <= saved < 6, (saved, out)
     proc = _launch(path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert f"resumed from step {saved}" in out or saved is None
-    final = restore_state(run_dir, ref.state, 6)
-    assert_same_params(final, ref.state)
+    assert f"resumed from step {saved}" in out, out
+    assert_same_params(run_params(run_dir, ref.state.params, 6), ref.state.params)
 
 
 @pytest.mark.slow
@@ -248,7 +223,6 @@ def test_demo_config_end_to_end_and_export_loads_in_transformers(tmp_path):
     from cme_jax.sources import load_model
 
     run_dir = tmp_path / "demo"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     overrides = [
         f"run_dir={run_dir}",
         "train.steps=3",
@@ -256,8 +230,7 @@ def test_demo_config_end_to_end_and_export_loads_in_transformers(tmp_path):
         "sampling.max_new_tokens=8",
         "logging.preview_tokens=4",
     ]
-    cmd = [sys.executable, "-m", "cme_jax.train", "--config", "configs/demo_cpu.yaml", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = run_module("cme_jax.train", "--config", "configs/demo_cpu.yaml", *overrides, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "before:" in proc.stderr and "after:" in proc.stderr and "tensorboard --logdir" in proc.stderr
     rows = metric_rows(run_dir)
@@ -268,14 +241,7 @@ def test_demo_config_end_to_end_and_export_loads_in_transformers(tmp_path):
         assert ckpt.latest_step() == 3
 
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cme_jax.export", str(run_dir), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("cme_jax.export", str(run_dir), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -298,12 +264,6 @@ def test_demo_config_end_to_end_and_export_loads_in_transformers(tmp_path):
 # The command line in a real process: one line per error, nothing at exit
 
 
-def _train_cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "cme_jax.train", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_every_error_path_prints_exactly_one_line_in_a_real_process(straight_run, tmp_path):
     """Each way the trainer refuses to run, in its own process: stderr is the one error line and nothing else
     (no traceback from orbax's background threads at interpreter exit)."""
@@ -321,12 +281,13 @@ def test_every_error_path_prints_exactly_one_line_in_a_real_process(straight_run
         "missing policy": ([fresh, "model.policy=/nonexistent/policy"], "does not exist"),
         "missing verifier": ([fresh, "reward.verifiers=[{model: /nonexistent/verifier}]"], "does not exist"),
     }
-    procs = {name: _train_cli("--config", args[0], *args[1:]) for name, (args, _) in cases.items()}
+    procs = {
+        name: start_module("cme_jax.train", "--config", *args, devices=SUITE_DEVICES)
+        for name, (args, _) in cases.items()
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, (name, err)
-        assert lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, lines[0])
+        assert_one_line_error(proc.returncode, err, cases[name][1])
         assert out == "", (name, out)
     assert not (tmp_path / "fresh" / "config.yaml").exists()  # refused before the run was recorded
 
@@ -334,7 +295,8 @@ def test_every_error_path_prints_exactly_one_line_in_a_real_process(straight_run
 def test_overrides_on_both_sides_of_a_flag(straight_run, tmp_path):
     cfg, _ = straight_run
     path = write_config(tmp_path / "c.yaml", yaml.safe_load(config_yaml(cfg)))
-    proc = _train_cli("--config", path, "train.steps=9", "--no-resume", "optim.learning_rate=0.5", "--print-config")
+    args = ["--config", path, "train.steps=9", "--no-resume", "optim.learning_rate=0.5", "--print-config"]
+    proc = start_module("cme_jax.train", *args, devices=SUITE_DEVICES)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     printed = yaml.safe_load(out)

@@ -87,6 +87,20 @@ def hf_logits(model, toks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:
+    """transformers' greedy `generate` for one unpadded prompt: the new tokens, a stop token included."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]).long(),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is a small corpus for a tiny tokenizer",

@@ -252,6 +252,7 @@ def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
     """RMSNorm in float32; Gemma multiplies by (1 + w) before casting, Llama casts first."""
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    w = jnp.expand_dims(w, tuple(range(x.ndim - w.ndim)))  # [D] over x [..., D]
     if plus_one:
         return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * normed.astype(x.dtype)
@@ -279,7 +280,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 def rope_tables(rope: RopeConfig, head_dim: int, positions: Array) -> tuple[Array, Array]:
     """cos and sin [B, T, H] for integer positions [B, T]."""
     inv = jnp.asarray(rope_inv_freq(rope, head_dim))
-    ang = positions.astype(jnp.float32)[..., None] * inv
+    ang = positions.astype(jnp.float32)[:, :, None] * inv[None, None, :]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
@@ -365,7 +366,7 @@ EINSUM = Projections(
 
 def _qk_bias_and_norm(cfg: ModelConfig, lw: Any, q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
     if cfg.qkv_bias:
-        q, k, v = q + lw.bq, k + lw.bk, v + lw.bv
+        q, k, v = q + lw.bq[None, None], k + lw.bk[None, None], v + lw.bv[None, None]  # [N, H] over [B, T, N, H]
     if cfg.qk_norm == "head":
         q = rms_norm(q, lw.q_norm, cfg.norm_eps, cfg.norm_plus_one)
         k = rms_norm(k, lw.k_norm, cfg.norm_eps, cfg.norm_plus_one)
