@@ -269,19 +269,6 @@ def test_trainer_refuses_a_run_that_cannot_fit_in_one_line(tiny_models, prompts_
     assert not (run_dir / "config.yaml").exists()  # refused before the run started loading anything
 
 
-def test_trainer_refuses_lora_in_one_line(tiny_models, prompts_file, tmp_path, capsys):
-    from cme_jax import train
-
-    cfg = tiny_config(tiny_models, prompts_file, tmp_path / "run", model={"lora": {"rank": 4}})
-    with pytest.raises(SystemExit) as e:
-        train.main(["--config", write_config(tmp_path / "c.yaml", cfg)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err == [
-        "error: model.lora: LoRA training is not available in this version; remove model.lora to fine-tune every "
-        "weight (python -m cme_jax.plan plans LoRA runs)"
-    ]
-
-
 def test_start_check_passes_a_run_that_fits_and_skips_the_cpu_by_default(tiny_models, prompts_file, tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tiny_models, prompts_file, tmp_path / "r")))
     assert memory.start_check(cfg) is None  # "auto" on the CPU: no device memory to compare against
