@@ -131,9 +131,9 @@ def child_sampling(args) -> dict:
     _, toks, mask = _encode(policy, args.prompts)
     scfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=args.samples)
     pad = pad_id(policy.tokenizer)
-    run = lambda w, layout, decode=None: sample(
-        w, cfg, toks, mask, jax.random.key(0), scfg, [-1], pad, layout, decode
-    ).tokens
+    run = lambda w, layout, decode=None: (
+        sample(w, cfg, toks, mask, jax.random.key(0), scfg, [-1], pad, layout, decode).tokens
+    )
 
     def on_the_fly(w):
         # Per-layer blocks whose projections stay LowRank: the decode applies x W + scale (x A) B every step.
@@ -186,17 +186,17 @@ def main() -> None:
     for mode, r in results.items():
         name = "full fine-tuning" if mode == "full" else f"LoRA rank {args.rank}, every projection"
         total = r["sample"] + r["score"] + r["update"]
-        rows.append(
-            [name, f"{r['trainable']:,}", f"{total:.1f}", f"{r['sample']:.1f}", f"{r['score']:.1f}"]
-            + [f"{r['update']:.1f}", f"{mib(r['state']):,.0f}", f"{mib(r['peak']):,.0f}"]
-        )
+        times = [f"{total:.1f}", f"{r['sample']:.1f}", f"{r['score']:.1f}", f"{r['update']:.1f}"]
+        rows.append([name, f"{r['trainable']:,}", *times, f"{mib(r['state']):,.0f}", f"{mib(r['peak']):,.0f}"])
     headers = ["mode", "trainable", "s/step", "sample", "score", "update", "state MiB", "peak RSS MiB"]
     print(table(headers, rows))
     if args.skip_sampling:
         return
     s = run_child(__file__, [*common, "--child", "sampling"])
     rows = s.pop("rows")
-    print(f"\nSampling {rows} rows x {args.new_tokens} tokens with rank {args.rank} adapters (best of {args.repeats})\n")
+    print(
+        f"\nSampling {rows} rows x {args.new_tokens} tokens with rank {args.rank} adapters (best of {args.repeats})\n"
+    )
     print(table(["adapters", "s/call"], [[k, f"{v:.2f}"] for k, v in s.items()]))
 
 

@@ -207,7 +207,10 @@ def test_lora_lines_equal_the_bytes_of_real_sharded_arrays():
         ("model.lora={rank: 0}", "model.lora.rank=0 must be an integer >= 1"),
         ("model.lora={targets: [q, qkv]}", "'qkv' is not allowed"),
         ("model.lora={targets: [q, q]}", "names a projection twice"),
-        ("model.lora={dropout: 0.1}", "model.lora.dropout=0.1: dropout on the adapters is not implemented; set it to 0"),
+        (
+            "model.lora={dropout: 0.1}",
+            "model.lora.dropout=0.1: dropout on the adapters is not implemented; set it to 0",
+        ),
         ("model.lora={alpha: -1}", "model.lora.alpha=-1.0 must be a finite number > 0"),
         ("model.lora={rnk: 8}", "did you mean 'rank'"),
         ("train.device_memory=80 gigs", "train.device_memory='80 gigs' is not a memory size"),
