@@ -1,7 +1,8 @@
 """LoRA against full fine-tuning on the embedded pair: seconds per GRPO step and peak memory, in the same run; and the
 sampler with the adapters merged into its decode copy against the adapters applied on the fly.
 
-    python benchmarks/lora.py [--prompts 4] [--samples 4] [--new-tokens 64] [--steps 2] [--rank 16] [--skip-sampling]
+    python benchmarks/lora.py [--prompts 4] [--samples 4] [--new-tokens 64] [--steps 2] [--rank 16]
+                               [--skip-step | --skip-sampling]
 
 Policy SmolLM2-135M-Instruct, verifier Gemma-3-270M (plain "Question/Answer" template, re-tokenised from text),
 beta 0.04, every completion exactly --new-tokens long. Full fine-tuning keeps float32 master weights, their Adam
@@ -10,9 +11,10 @@ policy and reference, and trains the adapters. Each mode runs in its own child p
 high-water mark (models, JAX runtime, compiled programs and the step's temporaries), `state` the bytes of the arrays
 the trainer keeps between steps (trainable weights, optimizer state, reference, frozen base; verifiers excluded).
 
-The sampling table times `sampling.sample` for --prompts x --samples rows with rank --rank adapters: merged into the
-decode layout's copy of the layers (what the trainer does), applied on the fly by a per-layer decode, merged into
-that same per-layer layout, and the base alone.
+The sampling table times --prompts x --samples rows x --new-tokens greedy tokens with rank --rank adapters: one
+decode loop over the stacked layers with the adapters applied on the fly (x W + s (x A) B every step) and the same
+loop with them merged (x W'), then the trainer's sampler, which merges them into its decode layout's copy of the
+layers, beside the base alone.
 """
 
 from __future__ import annotations
@@ -115,11 +117,14 @@ def child_step(args) -> dict:
 
 
 def child_sampling(args) -> dict:
-    """Best seconds of one sampling call per way of applying the adapters."""
+    """Best seconds per call: the same greedy decode loop with the adapters applied on the fly or merged, and the
+    trainer's sampler (adapters merged into its decode layout's copy of the layers) beside the base alone."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from cme_jax.models import lora as lora_lib
+    from cme_jax.models.transformer import forward_hidden, init_cache, logits_from_hidden
     from cme_jax.sampling import SamplingConfig, sample
     from cme_jax.sources import load_model
     from cme_jax.tokens import pad_id
@@ -129,30 +134,40 @@ def child_sampling(args) -> dict:
     adapters = lora_lib.init_adapters(cfg, lora, jax.random.key(3))
     adapters = {t: {"a": ab["a"], "b": ab["b"] + 0.01} for t, ab in adapters.items()}  # B != 0, as after training
     _, toks, mask = _encode(policy, args.prompts)
-    scfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=args.samples)
+    toks, mask = np.repeat(toks, args.samples, axis=0), np.repeat(mask, args.samples, axis=0)
+    N = args.new_tokens
+
+    def decode_loop(w, toks, mask):
+        # Prefill, then N - 1 greedy single-token steps over the stacked layers (a scan), every step reading w.
+        R, P = toks.shape
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        h, cache = forward_hidden(w, cfg, toks, pos, mask, init_cache(cfg, R, P + N, w.embed.dtype))
+        tok = jnp.argmax(logits_from_hidden(w, cfg, h[:, -1:]), axis=-1)
+        ones = jnp.ones((R, 1), bool)
+
+        def body(_, carry):
+            tok, cache, p = carry
+            h, cache = forward_hidden(w, cfg, tok, p, ones, cache)
+            return jnp.argmax(logits_from_hidden(w, cfg, h), axis=-1), cache, p + 1
+
+        return jax.lax.fori_loop(0, N - 1, body, (tok, cache, pos[:, -1:] + 1))[0]
+
+    scfg = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=1)
     pad = pad_id(policy.tokenizer)
-    run = lambda w, layout, decode=None: (
-        sample(w, cfg, toks, mask, jax.random.key(0), scfg, [-1], pad, layout, decode).tokens
-    )
-
-    def on_the_fly(w):
-        # Per-layer blocks whose projections stay LowRank: the decode applies x W + scale (x A) B every step.
-        layers = tuple(jax.tree.map(lambda a, i=i: a[i], w.layers) for i in range(cfg.num_layers))
-        return run(w, "per_layer", w.replace(layers=layers))
-
-    variants = {
-        "merged into the decode copy (auto layout; the trainer's way)": lambda w: run(w, "auto"),
-        "on the fly (per-layer decode)": on_the_fly,
-        "merged (per-layer decode)": lambda w: run(w, "per_layer"),
-    }
+    trainer = lambda w: sample(w, cfg, toks, mask, jax.random.key(0), scfg, [-1], pad, "auto").tokens
     adapted = lora_lib.adapted(base, adapters, lora)
+    merged = jax.jit(lora_lib.merge, static_argnums=2)(base, adapters, lora)
+    variants = {
+        "decode loop, adapters on the fly (stacked layers)": (decode_loop, adapted),
+        "decode loop, adapters merged (stacked layers)": (decode_loop, merged),
+        "trainer's sampler, merged into its decode copy (auto layout)": (trainer, adapted),
+        "trainer's sampler, base without adapters (auto layout)": (trainer, base),
+    }
     out = {}
-    for name, fn in variants.items():
-        f = jax.jit(fn)
-        out[name] = best_time(lambda f=f: jax.block_until_ready(f(adapted)), args.repeats)
-    f = jax.jit(lambda w: run(w, "auto"))
-    out["base without adapters (auto layout)"] = best_time(lambda: jax.block_until_ready(f(base)), args.repeats)
-    out["rows"] = int(np.asarray(toks).shape[0]) * args.samples
+    for name, (fn, w) in variants.items():
+        f = jax.jit(fn) if fn is trainer else jax.jit(lambda w, fn=fn: fn(w, toks, mask))
+        out[name] = best_time(lambda f=f, w=w: jax.block_until_ready(f(w)), args.repeats)
+    out["rows"] = int(toks.shape[0])
     return out
 
 
@@ -164,7 +179,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one that compiles)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (the best counts)")
-    p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--skip-step", action="store_true", help="only the sampling table")
+    p.add_argument("--skip-sampling", action="store_true", help="only the step table")
     p.add_argument("--child", choices=["step", "sampling"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -179,17 +195,18 @@ def main() -> None:
         *("--new-tokens", str(args.new_tokens), "--steps", str(args.steps), "--rank", str(args.rank)),
         *("--repeats", str(args.repeats)),
     ]
-    results = {mode: run_child(__file__, [*common, "--child", "step", "--mode", mode]) for mode in ("full", "lora")}
-    n = args.prompts * args.samples
-    print(f"\nGRPO step on the embedded pair, {n} completions x {args.new_tokens} tokens, beta 0.04\n")
-    rows = []
-    for mode, r in results.items():
-        name = "full fine-tuning" if mode == "full" else f"LoRA rank {args.rank}, every projection"
-        total = r["sample"] + r["score"] + r["update"]
-        times = [f"{total:.1f}", f"{r['sample']:.1f}", f"{r['score']:.1f}", f"{r['update']:.1f}"]
-        rows.append([name, f"{r['trainable']:,}", *times, f"{mib(r['state']):,.0f}", f"{mib(r['peak']):,.0f}"])
-    headers = ["mode", "trainable", "s/step", "sample", "score", "update", "state MiB", "peak RSS MiB"]
-    print(table(headers, rows))
+    if not args.skip_step:
+        results = {mode: run_child(__file__, [*common, "--child", "step", "--mode", mode]) for mode in ("full", "lora")}
+        n = args.prompts * args.samples
+        print(f"\nGRPO step on the embedded pair, {n} completions x {args.new_tokens} tokens, beta 0.04\n")
+        rows = []
+        for mode, r in results.items():
+            name = "full fine-tuning" if mode == "full" else f"LoRA rank {args.rank}, every projection"
+            total = r["sample"] + r["score"] + r["update"]
+            times = [f"{total:.1f}", f"{r['sample']:.1f}", f"{r['score']:.1f}", f"{r['update']:.1f}"]
+            rows.append([name, f"{r['trainable']:,}", *times, f"{mib(r['state']):,.0f}", f"{mib(r['peak']):,.0f}"])
+        headers = ["mode", "trainable", "s/step", "sample", "score", "update", "state MiB", "peak RSS MiB"]
+        print(table(headers, rows))
     if args.skip_sampling:
         return
     s = run_child(__file__, [*common, "--child", "sampling"])
