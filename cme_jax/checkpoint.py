@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -414,18 +415,29 @@ def inspect_run(run_dir: str | Path, step: int | None = None) -> RunCheckpoint:
 
 
 def restore_run_policy(run: RunCheckpoint) -> tuple[ModelConfig, Weights, Any, Any]:
-    """A run's policy as float32 host arrays, with its architecture, model source and tokenizer (from the spec
-    recorded in the checkpoint): what `export` writes and what `evaluate` loads."""
+    """A run's policy as float32 host arrays (a LoRA run's adapters merged into its base), with its architecture,
+    model source and tokenizer (from the spec recorded in the checkpoint): what `export` writes, `evaluate` loads."""
+    from cme_jax.models import lora as lora_lib
     from cme_jax.models.families import config_from_hf
+    from cme_jax.models.weights import load_weights
+    from cme_jax.sources import open_store
 
     src = resolve(run.model_spec)
     cfg = config_from_hf(src.hf_config)
     tokenizer = load_tokenizer(src)
-    # bf16 -> f32 is exact, so reading every weight as float32 loses nothing whatever the run trained in.
-    host = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract(cfg, jnp.float32), is_leaf=is_spec)
+    lora = lora_lib.lora_from_config(run.config)
+    if lora is None:
+        # bf16 -> f32 is exact, so reading every weight as float32 loses nothing whatever the run trained in.
+        shapes = abstract(cfg, jnp.float32)
+        host = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes, is_leaf=is_spec)
+    else:  # a LoRA run saves only its adapters: merge them into the base the spec names
+        host = lora_lib.host_adapters_abstract(cfg, lora)
     with CheckpointManager(run.run_dir, read_only=True) as mngr:
-        restored = mngr.restore({"params": host}, run.step, partial=True)
-    return cfg, restored.state["params"], src, tokenizer
+        params = mngr.restore({"params": host}, run.step, partial=True).state["params"]
+    if lora is not None:
+        base = load_weights(cfg, open_store(src), dtype=jnp.float32)
+        params = jax.tree.map(np.asarray, jax.jit(lora_lib.merge, static_argnums=2)(base, params, lora))
+    return cfg, params, src, tokenizer
 
 
 def load_run_model(run: RunCheckpoint, *, dtype: VerifierDtype = "auto") -> LoadedModel:

@@ -43,7 +43,7 @@ class ModelConfigSection:
     stop_strings: tuple[str, ...] = ()  # extra single-token stops (pretrained models often need "\n\n"-like ones)
     compute_dtype: DtypeName = "auto"  # auto = bfloat16 on accelerators, float32 on the CPU
     remat: Remat = "none"
-    # Low-rank adapters on a frozen base (null = full fine-tuning); `python -m cme_jax.plan` plans such runs.
+    # Low-rank adapters on a frozen base (null = full fine-tuning); the reference is then the base itself.
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -51,6 +51,11 @@ class ModelConfigSection:
             raise ValueError("model.policy must name a model (Hub id, directory, .gguf file or embedded alias)")
         if "{prompt}" not in self.template:
             raise ValueError(f"model.template={self.template!r} must contain {{prompt}}")
+        if self.lora is not None and self.reference not in (None, "policy"):
+            raise ValueError(
+                f"model.reference={self.reference!r}: with model.lora the reference is the frozen base itself; set "
+                "model.reference to 'policy' (or null for none)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,4 +226,5 @@ def step_config(cfg: TrainConfig, compute_dtype: str) -> StepConfig:
         micro_batches=cfg.train.micro_batches,
         compute_dtype=compute_dtype,
         log_entropy=cfg.train.log_entropy,
+        lora=cfg.model.lora,
     )

@@ -590,7 +590,7 @@ def candidate_changes(cfg: TrainConfig, devices: int) -> list[tuple[str, list[st
         out.append((f"{b} prompts per step", [f"train.prompts_per_step={b}"]))
     if cfg.model.lora is None:
         lora = "model.lora={rank: 16, alpha: 32}"
-        out.append(("LoRA on a frozen base (planned only: LoRA training is not available yet)", [lora]))
+        out.append(("LoRA on a frozen base", [lora]))
     return out
 
 
@@ -748,7 +748,7 @@ def compiled_memory(cfg: TrainConfig, models: Models, p: Plan) -> list[ProgramMe
     from cme_jax.train_step import StepShardings, build_step, compute_params, join_rollout
 
     if cfg.model.lora is not None:
-        raise CmeError("--compile: LoRA training is not available in this version, so there is no step to compile")
+        raise CmeError("--compile compiles full fine-tuning steps only; plan a LoRA run without --compile")
     if p.platform != local_platform() or p.devices != jax.device_count():
         raise CmeError(
             f"--compile builds the step for this machine's {jax.device_count()} {local_platform()} device(s); plan "

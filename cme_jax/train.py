@@ -32,6 +32,7 @@ from cme_jax.errors import CmeError, cli_main
 from cme_jax.files import read_run_log
 from cme_jax.memory import start_check
 from cme_jax.metrics import RunLogger
+from cme_jax.models import lora as lora_lib
 from cme_jax.models.sharding import batch_sharding, make_mesh, replicated, weight_shardings
 from cme_jax.prompts import PromptSampler, PromptSet, load_prompts
 from cme_jax.sampling import Rollout, SamplingConfig, response_token_lists, sample_jit
@@ -49,6 +50,7 @@ from cme_jax.train_step import (
     join_rollout,
     lr_schedule,
     make_optimizer,
+    policy_weights,
     state_shardings,
 )
 from cme_jax.watchdog import WATCHDOG_FILE, Event, Watchdog, last_row_per_step, read_metrics, verdict, write_events
@@ -89,7 +91,7 @@ class Run:
     """Everything loaded for a run."""
 
     cfg: TrainConfig
-    policy: LoadedModel
+    policy: LoadedModel  # with LoRA its weights are the frozen base, in the compute dtype
     ref_params: Any
     verifiers: list[Verifier]
     data: PromptSet
@@ -100,6 +102,15 @@ class Run:
     @property
     def prompts(self) -> list[str]:
         return list(self.data.train)
+
+    @property
+    def base_args(self) -> tuple[Any, ...]:
+        """The step functions' trailing arguments: the frozen base with LoRA, none otherwise."""
+        return () if self.sc.lora is None else (self.policy.weights,)
+
+    def weights(self, params: Any) -> Any:
+        """The policy's weights for the trainable `params` (with LoRA, the base with the adapters applied)."""
+        return policy_weights(params, self.policy.weights, self.sc)
 
 
 def encode_batch(run: Run, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -244,15 +255,20 @@ def load_run(cfg: TrainConfig) -> Run:
         print("resolved config:\n" + config_yaml(cfg), file=sys.stderr)
     log(f"prompts: {data.stats}")
     log(f"loading policy {cfg.model.policy} ...")
+    lora = cfg.model.lora
+    # With LoRA the policy's weights are the frozen base, kept in the compute dtype (bfloat16 on accelerators).
+    policy_dtype = jnp.float32 if lora is None else jnp.dtype(dtype)
     policy = dataclasses.replace(
-        load_model(cfg.model.policy, dtype=jnp.float32, mesh=mesh, tokenizer=False), tokenizer=tok
+        load_model(cfg.model.policy, dtype=policy_dtype, mesh=mesh, tokenizer=False), tokenizer=tok
     )
     if cfg.model.remat != "none":
         policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, remat=cfg.model.remat))
     ref = None
     # The held-out evaluation measures KL to the reference, so it loads one even when grpo.beta is 0.
     if cfg.grpo.beta > 0 or (cfg.train.heldout_every and cfg.model.reference is not None):
-        if cfg.model.reference == "policy":
+        if lora is not None:
+            ref = policy.weights  # the base without adapters, the same buffers (never donated)
+        elif cfg.model.reference == "policy":
             # Its own buffers: the policy's are donated to the first update.
             ref = jax.tree.map(jnp.copy, compute_params(policy.weights, dtype))
         else:
@@ -297,14 +313,15 @@ class Stepper:
         if self.device_reward is not None:
             frozen = self.device_reward.frozen(list(texts), reward_rng)
             frozen = jax.tree.map(put_global, frozen, self.frozen_shardings)
-            state, metrics, ro = self.fns.fused(state, toks, mask, stops, run.ref_params, frozen)
+            state, metrics, ro = self.fns.fused(state, toks, mask, stops, run.ref_params, frozen, *run.base_args)
             metrics = self.device_reward.check(jax.device_get(metrics))
             ro_host = jax.tree.map(to_host, ro)
             return state, metrics, ro_host, {"time/step": time.perf_counter() - t0}
-        ro = self.fns.rollout(state, toks, mask, stops)
+        ro = self.fns.rollout(state, toks, mask, stops, *run.base_args)
         ro_host: Rollout = jax.tree.map(to_host, ro)
         t1 = time.perf_counter()
-        policy = dataclasses.replace(run.policy, weights=compute_params(state.params, run.sc.compute_dtype))
+        weights = compute_params(run.weights(state.params), run.sc.compute_dtype)
+        policy = dataclasses.replace(run.policy, weights=weights)
         out = rewards_lib.compute_rewards(
             cfg.reward,
             rewards_lib.RewardBatch.from_rollout(texts, ro_host, toks_np, mask_np, run.policy.tokenizer),
@@ -316,7 +333,8 @@ class Stepper:
         )
         t2 = time.perf_counter()
         batch = join_rollout(toks, mask, ro, run.sc.group_size)
-        state, metrics = self.fns.update(state, batch, put_global(out.rewards, self.rows), run.ref_params)
+        rewards = put_global(out.rewards, self.rows)
+        state, metrics = self.fns.update(state, batch, rewards, run.ref_params, *run.base_args)
         metrics = jax.device_get(metrics)
         t3 = time.perf_counter()
         metrics.update(out.diagnostics)
@@ -336,8 +354,10 @@ def make_stepper(run: Run, optimizer: Any, ssh: TrainState) -> Stepper:
             cfg.reward, run.verifiers, run.policy.cfg, tok, cfg.sampling.num_samples
         )
     frozen_sh = device_reward.frozen_shardings(run.mesh) if device_reward is not None else None
-    ref_sh = weight_shardings(run.policy.cfg, run.mesh) if run.ref_params is not None else None
-    shard = StepShardings(state=ssh, rows=rows, replicated=rep, ref=ref_sh, frozen=frozen_sh)
+    wsh = weight_shardings(run.policy.cfg, run.mesh)
+    ref_sh = wsh if run.ref_params is not None else None
+    base_sh = wsh if run.base_args else None
+    shard = StepShardings(state=ssh, rows=rows, replicated=rep, ref=ref_sh, frozen=frozen_sh, base=base_sh)
     fns = build_step(
         run.policy.cfg,
         run.sc,
@@ -399,11 +419,6 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) training; `stop_after` ends this session after that many steps with a checkpoint."""
-    if cfg.model.lora is not None:
-        raise CmeError(
-            "model.lora: LoRA training is not available in this version; remove model.lora to fine-tune every "
-            "weight (python -m cme_jax.plan plans LoRA runs)"
-        )
     run_dir = Path(cfg.run_dir)
     mode = cfg.checkpoint.resume if resume is None else ("require" if resume else "never")
     ckpt = CheckpointManager(
@@ -415,6 +430,15 @@ def train(cfg: TrainConfig, resume: bool | None = None, stop_after: int | None =
         return _train(cfg, ckpt, mode, stop_after)
     finally:
         ckpt.close()
+
+
+def lora_params(run: Run) -> tuple[Any, Any]:
+    """Fresh adapters (B = 0: the run starts at the base) on the host, and their shardings."""
+    lora, pcfg = run.cfg.model.lora, run.policy.cfg
+    adapters = lora_lib.init_adapters(pcfg, lora, jax.random.key(run.cfg.train.seed + 3))
+    n = sum(x.size for x in jax.tree.leaves(adapters))
+    log(f"LoRA: rank {lora.rank} on {', '.join(lora.targets)}: {n:,} trainable parameters on a frozen base")
+    return adapters, lora_lib.adapter_shardings(pcfg, lora, run.mesh)
 
 
 def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int | None) -> TrainResult:
@@ -448,9 +472,12 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
     total_updates = cfg.train.steps * cfg.train.num_iterations * cfg.train.minibatches
     optimizer = make_optimizer(cfg.optim, total_updates)
     schedule = lr_schedule(cfg.optim, total_updates)
-    wsh = weight_shardings(run.policy.cfg, run.mesh)
-    state = init_state(run.policy.weights, optimizer, cfg.train.seed)
-    ssh = state_shardings(state, optimizer, wsh, replicated(run.mesh))
+    if cfg.model.lora is None:
+        params, psh = run.policy.weights, weight_shardings(run.policy.cfg, run.mesh)
+    else:
+        params, psh = lora_params(run)
+    state = init_state(params, optimizer, cfg.train.seed)
+    ssh = state_shardings(state, optimizer, psh, replicated(run.mesh))
     sampler = PromptSampler(len(run.prompts), cfg.data.seed, fingerprint=run.data.fingerprint)
     start_step = 0
     if latest is not None:
@@ -468,7 +495,7 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
     every = cfg.train.heldout_every
 
     def evaluate_heldout(step: int) -> None:
-        row = heldout_eval(run, state.params, step)
+        row = heldout_eval(run, run.weights(state.params), step)
         heldout_rows.append(row)
         logger.record(HELDOUT_FILE, step, row["scalars"], row)
 
@@ -481,7 +508,7 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
     before = None
     # With held-out evaluation on, its first and last greedy responses are the before/after preview.
     if start_step == 0 and cfg.logging.preview_tokens and not every:
-        before = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
+        before = preview(run, run.weights(state.params), preview_prompts, cfg.logging.preview_tokens)
     n_updates = cfg.train.num_iterations * cfg.train.minibatches
     nonfinite = 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start_step + stop_after)
@@ -540,7 +567,7 @@ def _train(cfg: TrainConfig, ckpt: CheckpointManager, mode: str, stop_after: int
     if dog is not None:
         log(verdict(events, done))
     if before is not None:
-        after = preview(run, state.params, preview_prompts, cfg.logging.preview_tokens)
+        after = preview(run, run.weights(state.params), preview_prompts, cfg.logging.preview_tokens)
         for p, b, a in zip(preview_prompts, before, after):
             log(f"\nprompt: {p}\n  before: {b.strip()[:300]}\n  after:  {a.strip()[:300]}")
     elif len(heldout_rows) >= 2 and cfg.logging.preview_tokens:

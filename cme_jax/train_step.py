@@ -30,6 +30,7 @@ from cme_jax.grpo import (
     tis_weights,
 )
 from cme_jax.models.logprobs import token_stats
+from cme_jax.models.lora import LoraConfig, adapted
 from cme_jax.models.transformer import Array, ModelConfig, Weights
 from cme_jax.sampling import Rollout, SamplingConfig, sample
 
@@ -103,6 +104,9 @@ class StepConfig:
     micro_batches: int = 1  # gradient accumulation inside one update
     compute_dtype: ComputeDtype = "float32"
     log_entropy: bool = True
+    # Adapters on a frozen base: the state's params are the adapters and every step function takes the base as
+    # its last argument.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         for name in ("num_iterations", "minibatches", "micro_batches"):
@@ -128,7 +132,7 @@ class StepConfig:
 
 @struct.dataclass
 class TrainState:
-    params: Weights  # float32 master weights
+    params: Any  # float32 master weights, or with LoRA the float32 adapters (`lora.Adapters`)
     opt_state: Any
     step: Array  # int32 RL steps completed
     rng: Array  # base key; step s samples with fold_in(rng, s)
@@ -156,6 +160,16 @@ def compute_params(params: Weights, dtype: ComputeDtype) -> Weights:
     if dtype == "float32":
         return params
     return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def policy_weights(params: Any, base: Weights | None, sc: StepConfig) -> Weights:
+    """The policy the trainable `params` define: themselves, or with LoRA the frozen base with the adapters
+    applied on the fly (`lora.adapted`)."""
+    if sc.lora is None:
+        return params
+    if base is None:
+        raise ValueError("a LoRA step needs the frozen base weights")
+    return adapted(base, params, sc.lora)
 
 
 def join_rollout(prompts_BxP: Array, pmask_BxP: Array, ro: Rollout, group_size: int) -> UpdateBatch:
@@ -213,11 +227,13 @@ def update(
     optimizer: optax.GradientTransformation,
     loss_fn: LossFn = policy_loss,
     rewards_ok: Array | None = None,
+    base: Weights | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Advantages, old/ref log-probs, then num_iterations x minibatches optimizer updates (pure, jittable).
 
     `loss_fn(LossBatch, GRPOConfig) -> (loss_sum, denominator, metrics)` is the objective; `rewards_ok` (a bool
-    scalar) false skips every update of the step, as a non-finite loss does.
+    scalar) false skips every update of the step, as a non-finite loss does. With LoRA (`sc.lora`) `base` is the
+    frozen base: only the adapters get gradients, and the reference is the base itself unless `ref_params` is given.
     """
     G, grpo = sc.group_size, sc.grpo
     R, N = batch.response_mask.shape
@@ -239,8 +255,10 @@ def update(
     if grpo.old_logp == "recompute" and n_updates > 1:
         with jax.named_scope("old_logprobs"):
             data["old"] = jax.lax.stop_gradient(
-                response_logprobs(state.params, cfg, batch.tokens, batch.mask, P, sc)["logp"]
+                response_logprobs(policy_weights(state.params, base, sc), cfg, batch.tokens, batch.mask, P, sc)["logp"]
             )
+    if ref_params is None and sc.lora is not None:
+        ref_params = base  # the base without adapters: no second copy of the weights
     if grpo.beta > 0:
         if ref_params is None:
             raise ValueError("grpo.beta > 0 needs reference weights")
@@ -250,9 +268,12 @@ def update(
             )
     data = jax.tree.map(lambda x: _split_rows(x, M, K), data)
 
-    def loss_of(params: Weights, x: dict[str, Array], first: Array) -> tuple[Array, tuple[Array, Metrics]]:
+    def loss_of(
+        params: Any, x: dict[str, Array], first: Array, base: Weights | None
+    ) -> tuple[Array, tuple[Array, Metrics]]:
         """The loss of one micro-batch; `first` is 1.0 in the step's first update (the weights that sampled)."""
-        stats = response_logprobs(params, cfg, x["tokens"], x["mask"], P, sc, entropy=sc.log_entropy)
+        weights = policy_weights(params, base, sc)
+        stats = response_logprobs(weights, cfg, x["tokens"], x["mask"], P, sc, entropy=sc.log_entropy)
         logp = stats["logp"]
         if "old" in x:
             old, at_old = x["old"], jnp.ones(())
@@ -286,13 +307,14 @@ def update(
             metrics["tis/capped_frac"] = (clipped.astype(jnp.float32).sum(), n_tok)
         return loss_sum, (den, metrics)
 
-    # One traced copy of forward + backward: every micro-batch of every update goes through this function.
+    # One traced copy of forward + backward: every micro-batch of every update goes through this function. The
+    # gradient is taken with respect to the trainable params only (with LoRA, not the base).
     @jax.jit
-    def microbatch_grad(params: Weights, x: dict[str, Array], first: Array) -> Any:
-        return jax.value_and_grad(loss_of, has_aux=True)(params, x, first)
+    def microbatch_grad(params: Any, x: dict[str, Array], first: Array, base: Weights | None) -> Any:
+        return jax.value_and_grad(loss_of, has_aux=True)(params, x, first, base)
 
     x0 = jax.tree.map(lambda x: x[0, 0], data)
-    shapes = jax.eval_shape(microbatch_grad, state.params, x0, jnp.ones(()))
+    shapes = jax.eval_shape(microbatch_grad, state.params, x0, jnp.ones(()), base)
     (loss_shape, (den_shape, met_shape)), grad_shape = shapes
     skip_all = jnp.zeros((), bool) if rewards_ok is None else ~jnp.asarray(rewards_ok, bool)
 
@@ -303,7 +325,7 @@ def update(
 
         def micro(acc, x):
             g_acc, loss_acc, den_acc, met_acc = acc
-            (loss_sum, (den, met)), g = microbatch_grad(params, x, first)
+            (loss_sum, (den, met)), g = microbatch_grad(params, x, first, base)
             return (
                 jax.tree.map(jnp.add, g_acc, g),
                 loss_acc + loss_sum,
@@ -398,10 +420,14 @@ def rollout(
     cfg: ModelConfig,
     sc: StepConfig,
     pad_id: int,
+    base: Weights | None = None,
 ) -> Rollout:
-    """Sample G responses per prompt with the current policy; the key depends only on (seed, step)."""
+    """Sample G responses per prompt with the current policy; the key depends only on (seed, step).
+
+    With LoRA the sampler merges the adapters into its one copy of the decode weights (see `sampling.sample`).
+    """
     key = jax.random.fold_in(state.rng, state.step)
-    params = compute_params(state.params, sc.compute_dtype)
+    params = compute_params(policy_weights(state.params, base, sc), sc.compute_dtype)
     return sample(params, cfg, prompts_BxP, pmask_BxP, key, sc.sampling, stop_ids, pad_id)
 
 
@@ -419,24 +445,24 @@ def fused_step(
     reward_fn: DeviceRewardFn,
     pad_id: int,
     loss_fn: LossFn = policy_loss,
+    base: Weights | None = None,
 ) -> tuple[TrainState, dict[str, Array], Rollout]:
     """Sample, score on device, and update: the whole RL step in one function.
 
     A step whose reward metrics count non-finite scores (`reward/nonfinite`) skips its updates.
     """
-    ro = rollout(state, prompts_BxP, pmask_BxP, stop_ids, cfg=cfg, sc=sc, pad_id=pad_id)
+    ro = rollout(state, prompts_BxP, pmask_BxP, stop_ids, cfg=cfg, sc=sc, pad_id=pad_id, base=base)
     G = sc.group_size
     prompts_R = jnp.repeat(prompts_BxP, G, axis=0)
     pmask_R = jnp.repeat(pmask_BxP, G, axis=0)
     with jax.named_scope("score"):
         rewards, reward_metrics = reward_fn(
-            compute_params(state.params, sc.compute_dtype), ro, prompts_R, pmask_R, frozen
+            compute_params(policy_weights(state.params, base, sc), sc.compute_dtype), ro, prompts_R, pmask_R, frozen
         )
     batch = join_rollout(prompts_BxP, pmask_BxP, ro, G)
     ok = reward_metrics["reward/nonfinite"] == 0 if "reward/nonfinite" in reward_metrics else None
-    state, metrics = update(
-        state, batch, rewards, ref_params, cfg=cfg, sc=sc, optimizer=optimizer, loss_fn=loss_fn, rewards_ok=ok
-    )
+    kw = {"cfg": cfg, "sc": sc, "optimizer": optimizer, "loss_fn": loss_fn, "rewards_ok": ok, "base": base}
+    state, metrics = update(state, batch, rewards, ref_params, **kw)
     metrics.update(reward_metrics)
     return state, metrics, ro
 
@@ -450,6 +476,7 @@ class StepShardings:
     replicated: jax.sharding.NamedSharding
     ref: Any = None  # Weights of NamedSharding when a reference model is used
     frozen: Any = None  # pytree of NamedSharding for the device reward's frozen inputs
+    base: Any = None  # Weights of NamedSharding for the frozen base under LoRA
 
 
 @dataclasses.dataclass
@@ -473,30 +500,33 @@ def build_step(
 ) -> StepFunctions:
     """jit the step functions; without shardings everything runs on the default device.
 
-    `loss_fn(LossBatch, GRPOConfig) -> (loss_sum, denominator, metrics)` replaces the GRPO objective.
+    `loss_fn(LossBatch, GRPOConfig) -> (loss_sum, denominator, metrics)` replaces the GRPO objective. With LoRA
+    (`sc.lora`) each function takes the frozen base weights as one more, last, argument.
     """
     sh = shardings
-    kw = lambda ins, outs: {} if sh is None else {"in_shardings": ins, "out_shardings": outs}
+    tail = (sh.base,) if sh is not None and sc.lora is not None else ()
+    kw = lambda ins, outs: {} if sh is None else {"in_shardings": (*ins, *tail), "out_shardings": outs}
+    the_base = lambda base: base[0] if base else None
 
     roll = jax.jit(
-        lambda state, p, m, s: rollout(state, p, m, s, cfg=cfg, sc=sc, pad_id=pad_id),
-        **kw(None if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated), None if sh is None else sh.rows),
+        lambda state, p, m, s, *base: rollout(state, p, m, s, cfg=cfg, sc=sc, pad_id=pad_id, base=the_base(base)),
+        **kw(() if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated), None if sh is None else sh.rows),
     )
     # The state is donated: its buffers become the new state's, so a step never holds two copies of it.
     upd = jax.jit(
-        lambda state, batch, rewards, ref: update(
-            state, batch, rewards, ref, cfg=cfg, sc=sc, optimizer=optimizer, loss_fn=loss_fn
+        lambda state, batch, rewards, ref, *base: update(
+            state, batch, rewards, ref, cfg=cfg, sc=sc, optimizer=optimizer, loss_fn=loss_fn, base=the_base(base)
         ),
         donate_argnums=0,
         **kw(
-            None if sh is None else (sh.state, sh.rows, sh.rows, sh.ref),
+            () if sh is None else (sh.state, sh.rows, sh.rows, sh.ref),
             None if sh is None else (sh.state, sh.replicated),
         ),
     )
     fused = None
     if reward_fn is not None:
         fused = jax.jit(
-            lambda state, p, m, s, ref, frozen: fused_step(
+            lambda state, p, m, s, ref, frozen, *base: fused_step(
                 state,
                 p,
                 m,
@@ -509,10 +539,11 @@ def build_step(
                 reward_fn=reward_fn,
                 pad_id=pad_id,
                 loss_fn=loss_fn,
+                base=the_base(base),
             ),
             donate_argnums=0,
             **kw(
-                None if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated, sh.ref, sh.frozen),
+                () if sh is None else (sh.state, sh.rows, sh.rows, sh.replicated, sh.ref, sh.frozen),
                 None if sh is None else (sh.state, sh.replicated, sh.rows),
             ),
         )

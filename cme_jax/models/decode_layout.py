@@ -111,15 +111,17 @@ def abstract(cfg: ModelConfig, layout: Layout = "stacked", dtype: Any = jnp.floa
 
 
 def to_layout(weights: Weights, cfg: ModelConfig, layout: Layout) -> Weights:
-    """Stacked `weights` rearranged into `layout`, placed by the rules on the weights' mesh.
+    """Stacked `weights` rearranged into `layout`, placed by the rules on the weights' mesh, with low-rank
+    adapters (`transformer.LowRank`) merged in.
 
-    Costs one copy of the layer weights (none for "stacked").
+    Costs one copy of the layer weights (none for "stacked" without adapters). Adapters merge layer by layer, so
+    the merged layers are that one copy.
     """
     if layout == "stacked":
-        return weights
+        return transformer.merge_low_rank(weights)
 
     def one(i: int) -> Any:
-        lw = jax.tree.map(lambda a: a[i], weights.layers)
+        lw = transformer.merge_low_rank(jax.tree.map(lambda a: a[i], weights.layers))
         if layout == "per_layer":
             return lw
         out_in = lambda w: w.reshape(w.shape[0], -1).T  # [D, *out] -> [prod(out), D]

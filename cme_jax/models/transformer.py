@@ -339,6 +339,47 @@ def attend(cfg: ModelConfig, q_BxTxNxH: Array, k_BxKxHxS: Array, v_BxKxSxH: Arra
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+@struct.dataclass
+class LowRank:
+    """A frozen matrix with a low-rank update applied on the fly: x W + scale (x A) B (see `lora.adapted`).
+
+    W is [*in, *out], A [*in, r] and B [r, *out], with any leading axes (the layer axis) shared by all three.
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    scale: float = struct.field(pytree_node=False, default=1.0)
+
+    def merged(self) -> Array:
+        """W + scale A B as one matrix in W's dtype."""
+        lead = self.a.ndim + self.b.ndim - 2 - self.w.ndim
+        rank = self.a.shape[-1]
+        a = self.a.reshape(*self.a.shape[:lead], -1, rank)
+        b = self.b.reshape(*self.b.shape[: lead + 1], -1)
+        delta = jnp.matmul(a, b, preferred_element_type=jnp.float32).reshape(self.w.shape)
+        return (self.w.astype(jnp.float32) + self.scale * delta).astype(self.w.dtype)
+
+
+def is_low_rank(x: Any) -> bool:
+    return isinstance(x, LowRank)
+
+
+def merge_low_rank(tree: Any) -> Any:
+    """`tree` with every LowRank replaced by its merged matrix (unchanged when it holds none)."""
+    return jax.tree.map(lambda x: x.merged() if is_low_rank(x) else x, tree, is_leaf=is_low_rank)
+
+
+def project(spec: str, x: Array, w: Any) -> Array:
+    """einsum(spec, x, w) for a plain matrix, plus the low-rank term for a LowRank (x's trailing axes are W's
+    inputs: the rank-r product never forms W + scale A B)."""
+    if not is_low_rank(w):
+        return jnp.einsum(spec, x, w)
+    n_in = w.a.ndim - 1
+    xa = jnp.tensordot(x, w.a.astype(x.dtype), n_in)
+    return jnp.einsum(spec, x, w.w) + w.scale * jnp.tensordot(xa, w.b.astype(x.dtype), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Projections:
     """How a layer applies its matrices: `EINSUM` for LayerWeights, `decode_layout.FUSED` for fused blocks."""
@@ -350,17 +391,18 @@ class Projections:
 
 
 def _qkv_einsum(cfg: ModelConfig, lw: LayerWeights, h_BxTxD: Array) -> tuple[Array, Array, Array]:
-    q = jnp.einsum("btd,dnh->btnh", h_BxTxD, lw.wq)
-    k = jnp.einsum("btd,dkh->btkh", h_BxTxD, lw.wk)
-    v = jnp.einsum("btd,dkh->btkh", h_BxTxD, lw.wv)
+    q = project("btd,dnh->btnh", h_BxTxD, lw.wq)
+    k = project("btd,dkh->btkh", h_BxTxD, lw.wk)
+    v = project("btd,dkh->btkh", h_BxTxD, lw.wv)
     return q, k, v
 
 
+# Any matrix of a LayerWeights may be a LowRank (see `project`).
 EINSUM = Projections(
     qkv=_qkv_einsum,
-    out=lambda lw, a_BxTxNxH: jnp.einsum("btnh,nhd->btd", a_BxTxNxH, lw.wo),
-    gate_up=lambda lw, h: (jnp.einsum("btd,df->btf", h, lw.w_gate), jnp.einsum("btd,df->btf", h, lw.w_up)),
-    down=lambda lw, y_BxTxF: jnp.einsum("btf,fd->btd", y_BxTxF, lw.w_down),
+    out=lambda lw, a_BxTxNxH: project("btnh,nhd->btd", a_BxTxNxH, lw.wo),
+    gate_up=lambda lw, h: (project("btd,df->btf", h, lw.w_gate), project("btd,df->btf", h, lw.w_up)),
+    down=lambda lw, y_BxTxF: project("btf,fd->btd", y_BxTxF, lw.w_down),
 )
 
 

@@ -93,7 +93,7 @@ class SafetensorsStore:
             raise CmeError(f"cannot read tensor {name} ({e}); the weight file may be truncated") from None
 
 
-def _np_dtype(dtype: Any) -> np.dtype:
+def numpy_dtype(dtype: Any) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
@@ -138,7 +138,7 @@ def load_weights(
     prefix = detect_prefix(store.names()) if prefix is None else prefix
     hf_map = hf_param_map(cfg, prefix)
     specs = abstract(cfg, dtype)
-    npdtype = _np_dtype(dtype)
+    npdtype = numpy_dtype(dtype)
     spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     map_leaves = treedef.flatten_up_to(hf_map)
     shard_leaves = [None] * len(spec_leaves) if shardings is None else treedef.flatten_up_to(shardings)
@@ -189,7 +189,7 @@ def save_hf_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    npdtype = _np_dtype(dtype)
+    npdtype = numpy_dtype(dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in iter_hf_tensors(weights, cfg):
