@@ -823,11 +823,18 @@ def compute_rewards(
             return forms_of(v), time.perf_counter() - t0
 
         served = [v for v in scored if v.remote is not None]
-        # Served verifiers wait on the network in threads while the local ones run here.
-        with ThreadPoolExecutor(max_workers=max(1, len(served))) as pool:
-            pending = {v.name: pool.submit(timed, v) for v in served}
+        # Every process holds every row; in a multi-process run process 0 alone asks the server, so each row is
+        # sent once, and the others take its scores. Served verifiers wait on the network in threads while the
+        # local ones run here.
+        asking = served if jax.process_index() == 0 else []
+        with ThreadPoolExecutor(max_workers=max(1, len(asking))) as pool:
+            pending = {v.name: pool.submit(timed, v) for v in asking}
             local = {v.name: forms_of(v) for v in scored if v.remote is None}
             done = {name: f.result() for name, f in pending.items()}
+        if jax.process_count() > 1:
+            for v in served:  # the same collectives, in the same order, on every process
+                got, seconds = done.get(v.name, (None, 0.0))
+                done[v.name] = (_from_process_0(got, len(batch.responses), v.config.contrastive), seconds)
         forms = {v.name: done[v.name][0] if v.name in done else local[v.name] for v in scored}
         if served:
             timings["time/score_remote"] = max(t for _, t in done.values())
@@ -843,6 +850,30 @@ def compute_rewards(
     )
     parts = combine_host(rcfg, x)
     return RewardOutput(parts.rewards, parts.components, parts.empty, parts.metrics, timings)
+
+
+def _from_process_0(forms: VerifierForms | None, rows: int, contrastive: bool) -> VerifierForms:
+    """Process 0's scores of a served verifier on every process (a collective; the others pass None)."""
+    from jax.experimental import multihost_utils
+
+    zeros = lambda dtype: np.zeros(rows, dtype)
+    if forms is None:
+        forms = VerifierForms(zeros(np.float32), zeros(np.int32), zeros(bool), zeros(bool))
+    sent = {
+        "plain": np.asarray(forms.plain, np.float32),
+        "count": np.asarray(forms.count, np.int32),
+        "empty": np.asarray(forms.empty, np.int32),  # bools travel as integers through the broadcast's sum
+        "truncated": np.asarray(forms.truncated, np.int32),
+        "bare": zeros(np.float32) if forms.bare is None else np.asarray(forms.bare, np.float32),
+    }
+    got = {k: np.asarray(x) for k, x in multihost_utils.broadcast_one_to_all(sent).items()}
+    return VerifierForms(
+        plain=got["plain"],
+        count=got["count"],
+        empty=got["empty"].astype(bool),
+        truncated=got["truncated"].astype(bool),
+        bare=got["bare"] if contrastive else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

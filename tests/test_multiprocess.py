@@ -23,11 +23,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from cme_jax.checkpoint import CheckpointManager
 from cme_jax.files import read_run_log
 from cme_jax.models.sharding import make_mesh, weight_shardings
 from cme_jax.sources import load_model
+from tests.helpers import no_proxy
 from tests.train_helpers import (
     ROOT,
     assert_same_params,
@@ -37,6 +39,7 @@ from tests.train_helpers import (
     wait_for_checkpoint,
     write_config,
 )
+from tests.vllm_server import VllmLikeServer
 
 LAUNCHER = ROOT / "launch" / "local_multiprocess.py"
 STEPS = 3
@@ -242,6 +245,34 @@ def test_killed_process_stops_the_job_and_a_rerun_resumes(tiny_models, policy, m
     out = launch_ok(mp_root, 1, 4, config)
     assert f"[p0] resumed from step {saved}" in out
     assert_same_params(final_params(policy, run_dir), final_params(policy, one))
+
+
+@pytest.mark.slow
+def test_two_processes_send_each_row_to_a_served_verifier_once(tiny_models, mp_root, single_run, monkeypatch):
+    """Process 0 alone asks the server; both processes train on its scores, like the local verifier's run."""
+    no_proxy(monkeypatch)
+    server = VllmLikeServer()
+    server.models["tiny"] = load_model(tiny_models["other_vocab"])
+    run_dir = mp_root / "served"
+    path = mp_config(tiny_models, mp_root, run_dir)
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["reward"]["verifiers"][0].update(url=server.url, server_model="tiny", cache=None)
+    try:
+        launch_ok(mp_root, 2, 2, write_config(Path(path), raw), "logging.preview_tokens=0")
+    finally:
+        server.close()
+    served, local = metric_rows(run_dir), metric_rows(single_run[0])
+    assert [r["step"] for r in served] == [r["step"] for r in local] == list(range(1, STEPS + 1))
+    for a, b in zip(served, local):
+        rewards = [k for k in a if k.startswith(("reward/", "cme/"))]
+        assert rewards and {k: a[k] for k in rewards} == pytest.approx({k: b[k] for k in rewards}, rel=0, abs=1e-5)
+        # served scores differ from local ones by ~1e-7; the loss and the advantages' mean nearly cancel
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    samples = read_run_log(run_dir / "samples.jsonl")
+    texts = lambda rows: [(s["step"], s["prompt"], s["response"]) for s in rows]
+    assert texts(samples) == texts(read_run_log(single_run[0] / "samples.jsonl"))
+    distinct = sum(len({(s["prompt"], s["response"]) for s in samples if s["step"] == k}) for k in range(1, STEPS + 1))
+    assert distinct > STEPS * 4 and len(server.scored_rows) == distinct  # twice as many with a request per process
 
 
 # ---------------------------------------------------------------------------------------------------------
