@@ -81,6 +81,16 @@ def agree(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32))))
 
 
+def from_process_0(tree: Any) -> Any:
+    """Process 0's numpy arrays on every process (the others pass arrays of the same shapes and dtypes); a
+    collective, so every process must call it at the same step."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
 def data_shards(mesh: Any) -> int:
     """How many ways the mesh splits rows (its data axes): batches of rows come in multiples of this."""
     if mesh is None:

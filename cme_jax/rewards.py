@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from cme_jax.distributed import from_process_0
 from cme_jax.errors import CmeError
 from cme_jax.models.logprobs import DEFAULT_CHUNK_ELEMENTS, token_stats
 from cme_jax.models.transformer import Array, ModelConfig, Weights
@@ -854,8 +855,6 @@ def compute_rewards(
 
 def _from_process_0(forms: VerifierForms | None, rows: int, contrastive: bool) -> VerifierForms:
     """Process 0's scores of a served verifier on every process (a collective; the others pass None)."""
-    from jax.experimental import multihost_utils
-
     zeros = lambda dtype: np.zeros(rows, dtype)
     if forms is None:
         forms = VerifierForms(zeros(np.float32), zeros(np.int32), zeros(bool), zeros(bool))
@@ -866,7 +865,7 @@ def _from_process_0(forms: VerifierForms | None, rows: int, contrastive: bool) -
         "truncated": np.asarray(forms.truncated, np.int32),
         "bare": zeros(np.float32) if forms.bare is None else np.asarray(forms.bare, np.float32),
     }
-    got = {k: np.asarray(x) for k, x in multihost_utils.broadcast_one_to_all(sent).items()}
+    got = from_process_0(sent)
     return VerifierForms(
         plain=got["plain"],
         count=got["count"],
